@@ -1,0 +1,308 @@
+from __future__ import annotations
+
+import weakref
+from collections import deque
+from collections.abc import Iterable
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import anyio
+from typing_extensions import Self
+
+from ._errors import SlowSubscriberError
+from ._event import Event
+from ._lowlevel import Parker, make_parker
+from ._types import OverflowPolicy
+
+if TYPE_CHECKING:
+    from ._broadcaster import EventBroadcaster
+
+__all__ = ["Subscription"]
+
+# Life cycle of a subscription.
+_NEW, _OPEN, _ENDING, _CLOSED = 0, 1, 2, 3
+
+
+class _SubscriberRef(weakref.ref["Subscription"]):
+    """A weak reference that remembers its session, for the abandonment callback."""
+
+    __slots__ = ("session_id",)
+    session_id: str
+
+
+class Subscription:
+    """A subscriber's bounded queue of one session's events.
+
+    Made by `EventBroadcaster.subscribe`; use it as an async context manager
+    and iterate it::
+
+        async with broadcaster.subscribe("room-1", last_event_id=last_id) as sub:
+            if sub.gap:
+                ...  # events after last_id may have been lost
+            async for event in sub:
+                ...
+
+    The queue holds at most ``max_queue_size`` live events and
+    ``max_queue_bytes`` encoded bytes; replayed events come from history, which
+    already holds them, and do not count against these bounds. When the queue
+    is full the broadcaster's overflow policy applies. The broadcaster holds the
+    subscription only through a weak reference: one that is dropped without
+    being closed is collected, and the next sweep counts it.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_broadcaster",
+        "_bytes",
+        "_error",
+        "_items",
+        "_max_bytes",
+        "_max_items",
+        "_parker",
+        "_policy",
+        "_ref",
+        "_replay",
+        "_state",
+        "dropped",
+        "gap",
+        "last_event_id",
+        "replayed",
+        "session_id",
+    )
+
+    def __init__(
+        self, broadcaster: EventBroadcaster, session_id: str, last_event_id: str | None
+    ) -> None:
+        config = broadcaster.config
+        self._broadcaster = broadcaster
+        self.session_id = session_id
+        """The session this subscription follows."""
+        self.last_event_id = last_event_id
+        """The id the subscriber resumed from (None for a new subscriber)."""
+        self.gap = False
+        """True when events after ``last_event_id`` may have been lost (known on entry)."""
+        self.dropped = 0
+        """Events discarded by the ``drop_oldest`` / ``drop_newest`` policies."""
+        self.replayed = 0
+        """Events replayed from history on entry."""
+        self._max_items = config.max_queue_size
+        self._max_bytes = config.max_queue_bytes
+        self._policy = config.overflow_policy
+        self._items: deque[Event] | None = None
+        self._bytes = 0
+        self._replay: deque[Event] | None = None
+        self._parker: Parker | None = None
+        self._state = _NEW
+        self._error: BaseException | None = None
+        self._ref: _SubscriberRef | None = None
+
+    def __repr__(self) -> str:
+        state = ("new", "open", "ending", "closed")[self._state]
+        return (
+            f"<Subscription session_id={self.session_id!r} {state} "
+            f"queued={self.queued} dropped={self.dropped} gap={self.gap}>"
+        )
+
+    @property
+    def queued(self) -> int:
+        """Events waiting to be received (replayed and live)."""
+        return (len(self._items) if self._items else 0) + (len(self._replay) if self._replay else 0)
+
+    @property
+    def closed(self) -> bool:
+        """True once the subscription was closed or has ended and been drained."""
+        return self._state == _CLOSED
+
+    # -- producer side: called by the broadcaster, never awaits ---------------------
+
+    def _start(self, replay: Iterable[Event], gap: bool) -> None:
+        replayed = deque(replay)
+        if replayed:
+            self._replay = replayed
+            self.replayed = len(replayed)
+        self.gap = gap
+        if self._state == _NEW:
+            self._state = _OPEN
+
+    def _push(self, event: Event, size: int) -> None:
+        items = self._items
+        if items is None:
+            if self._state > _OPEN:
+                return
+            items = self._items = deque()
+        if len(items) >= self._max_items or self._bytes + size > self._max_bytes:
+            if self._state > _OPEN:
+                return
+            policy = self._policy
+            if policy is OverflowPolicy.DROP_NEWEST:
+                self.dropped += 1
+                self._broadcaster._count_drops(1)
+                return
+            if policy is OverflowPolicy.DISCONNECT:
+                self._broadcaster._slow_subscriber(self)
+                self._end(
+                    SlowSubscriberError(
+                        f"subscriber of session {self.session_id!r} fell behind: its queue "
+                        f"reached {len(items)} events / {self._bytes} bytes "
+                        f"(max_queue_size={self._max_items}, max_queue_bytes={self._max_bytes})"
+                    )
+                )
+                return
+            drops = 0
+            while items and (len(items) >= self._max_items or self._bytes + size > self._max_bytes):
+                self._bytes -= items.popleft().size
+                drops += 1
+            self.dropped += drops
+            self._broadcaster._count_drops(drops)
+        items.append(event)
+        self._bytes += size
+        parker = self._parker
+        if parker is not None:
+            parker.unpark()
+
+    def _end(self, error: BaseException | None) -> None:
+        """No more events will come; the consumer drains the queue, then sees `error`."""
+        if self._state in (_NEW, _OPEN):
+            self._state = _ENDING
+            self._error = error
+            self._broadcaster._detach(self)
+            if self._parker is not None:
+                self._parker.unpark()
+
+    # -- consumer side -----------------------------------------------------------------
+
+    def _pop(self) -> Event | None:
+        replay = self._replay
+        if replay:
+            event = replay.popleft()
+            if not replay:
+                self._replay = None
+            return event
+        items = self._items
+        if items:
+            event = items.popleft()
+            self._bytes -= event.size
+            return event
+        return None
+
+    def _finish(self) -> None:
+        """Raise what ends an empty subscription."""
+        if self._state == _CLOSED:
+            raise anyio.ClosedResourceError
+        if self._state == _NEW:
+            raise RuntimeError("enter the subscription first: 'async with subscription:'")
+        if self._state == _ENDING:
+            error = self._error
+            self._state = _CLOSED
+            self._release()
+            if error is not None:
+                raise error
+            raise anyio.EndOfStream
+
+    def receive_nowait(self) -> Event:
+        """The next event, without waiting.
+
+        Raises:
+            anyio.WouldBlock: no event is queued.
+            anyio.EndOfStream: the subscription ended normally (session closed,
+                broadcaster closed) and every queued event was received.
+            SlowSubscriberError: the subscriber was disconnected for falling behind.
+            GapError: the backend lost events while the subscription was live.
+            anyio.ClosedResourceError: the subscription was closed.
+        """
+        event = self._pop()
+        if event is not None:
+            return event
+        self._finish()
+        raise anyio.WouldBlock
+
+    async def receive(self) -> Event:
+        """The next event, waiting for one. Raises as `receive_nowait` does, bar WouldBlock.
+
+        Queued events are returned without yielding to the event loop, so a
+        subscriber drains a burst in one go.
+        """
+        while True:
+            event = self._pop()
+            if event is not None:
+                return event
+            self._finish()
+            await self._wait()
+
+    async def receive_batch(self, max_events: int | None = None) -> list[Event]:
+        """Every queued event (at most `max_events`), waiting until there is one.
+
+        Adapters use this to write what accumulated in one go.
+        """
+        while True:
+            batch = self.drain_nowait(max_events)
+            if batch:
+                return batch
+            self._finish()
+            await self._wait()
+
+    def drain_nowait(self, max_events: int | None = None) -> list[Event]:
+        """Every queued event (at most `max_events`), possibly none; never raises."""
+        batch: list[Event] = []
+        limit = max_events if max_events is not None else -1
+        while limit != 0:
+            event = self._pop()
+            if event is None:
+                break
+            batch.append(event)
+            limit -= 1
+        return batch
+
+    async def _wait(self) -> None:
+        parker = self._parker
+        if parker is None:
+            parker = self._parker = make_parker()
+        await parker.park()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Event:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._state != _NEW:
+            raise RuntimeError("a subscription can be entered only once")
+        await self._broadcaster._attach(self)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def close(self) -> None:
+        """Stop receiving: leave the session and drop what is queued. Idempotent."""
+        if self._state == _CLOSED:
+            return
+        self._state = _CLOSED
+        self._broadcaster._detach(self)
+        self._release()
+        if self._parker is not None:
+            self._parker.unpark()
+
+    async def aclose(self) -> None:
+        """Close the subscription and tell the backend when it was the session's last."""
+        was_attached = self._state != _NEW
+        self.close()
+        if was_attached:
+            with anyio.CancelScope(shield=True):
+                await self._broadcaster._release_session(self.session_id)
+
+    def _release(self) -> None:
+        self._items = None
+        self._replay = None
+        self._bytes = 0

@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .._config import BroadcasterConfig
+    from .._event import Event
+    from .._types import Clock
+
+__all__ = ["Backend", "BackendHub", "Replay", "SweepResult"]
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What a backend answers when a subscriber attaches."""
+
+    events: Sequence[Event]
+    """Retained events after the subscriber's last id, oldest first."""
+    gap: bool
+    """True when events after that id may have been lost."""
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    """What one sweep of a backend removed."""
+
+    expired_events: int = 0
+    sessions_expired: int = 0
+    expired_session_ids: Sequence[str] = field(default=())
+
+
+class BackendHub(Protocol):
+    """What a backend sees of the broadcaster it serves."""
+
+    @property
+    def config(self) -> BroadcasterConfig: ...
+
+    @property
+    def clock(self) -> Clock: ...
+
+    def deliver(self, session_id: str, event: Event) -> None:
+        """Hand a live event to this process's subscribers of the session. Never awaits."""
+
+    def end_session(self, session_id: str, error: BaseException | None = None) -> None:
+        """End this process's subscriptions of the session (after their queued events)."""
+
+    def has_subscribers(self, session_id: str) -> bool:
+        """Whether this process has live subscribers of the session."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Where history lives and where live events come from.
+
+    The broadcaster keeps the subscribers of its own process; a backend keeps
+    session state (ids, history) and hands live events to
+    `BackendHub.deliver`. The in-memory backend does it inside `publish`; a
+    shared backend (Redis) does it from its own reader for events published
+    by any process.
+    """
+
+    async def start(self, hub: BackendHub) -> None:
+        """Bind to the broadcaster and start any background work."""
+
+    async def aclose(self) -> None:
+        """Release every resource. Called once, when the broadcaster closes."""
+
+    async def publish(
+        self, session_id: str, data: str, event: str | None, retry: int | None
+    ) -> Event:
+        """Assign the next id, store the event in history and fan it out.
+
+        Raises:
+            SessionLimitError: the session is new and ``max_sessions`` is reached.
+            EventTooLargeError: the encoded event exceeds ``max_event_bytes``.
+            BackendUnavailableError: the event was not stored.
+        """
+
+    async def attach(
+        self, session_id: str, last_event_id: str | None, register: Callable[[], None]
+    ) -> Replay:
+        """Prepare live delivery for a new local subscriber and compute its replay.
+
+        The backend calls `register` at the point from which every later event
+        reaches `BackendHub.deliver` and returns the retained events after
+        `last_event_id` up to that point: no duplicate, no hole.
+
+        Raises:
+            SessionLimitError: the session is new and ``max_sessions`` is reached.
+        """
+
+    async def detach(self, session_id: str) -> None:
+        """This process may have no subscriber of the session left."""
+
+    async def history(self, session_id: str, after: str | None) -> list[Event]:
+        """Retained events of the session after `after` (all when None or unknown)."""
+
+    async def close_session(self, session_id: str) -> bool:
+        """Drop the session's history; True when it existed."""
+
+    async def sweep(self) -> SweepResult:
+        """Drop expired events and idle sessions; cost grows with what is removed."""
+
+    def counts(self) -> tuple[int, int, int]:
+        """(sessions, retained events, estimated bytes held), in O(1)."""
+
+    def stats(self) -> dict[str, object]:
+        """Backend-specific figures for `EventBroadcaster.stats` (the ``backend`` key)."""
