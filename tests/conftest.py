@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+import pytest
+
+# Every test marked with pytest.mark.anyio runs on asyncio and on trio unless it
+# overrides this fixture (anyio's and starlette's conftest do the same).
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("asyncio", id="asyncio"),
+        pytest.param("trio", id="trio"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
