@@ -46,8 +46,8 @@ __all__ = [
     "OverflowPolicy",
     "SessionLimitError",
     "SlowSubscriberError",
-    "Subscription",
     "SubscriberLimitError",
+    "Subscription",
     "__version__",
 ]
 

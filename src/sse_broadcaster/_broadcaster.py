@@ -110,6 +110,9 @@ class EventBroadcaster:
         self._running = False
         self._closed = False
         self._task_group: TaskGroup | None = None
+        # The sweeper's own scope: cancelling the task group's scope instead would also
+        # cancel the body of 'async with broadcaster:', which runs inside it.
+        self._sweeper_scope = anyio.CancelScope()
         self._pressure: PressureLevel | None = None
         # counters
         self._subscribers = 0
@@ -196,8 +199,7 @@ class EventBroadcaster:
         self._running = False
         for session_id in list(self._fanouts):
             self.end_session(session_id)
-        if self._task_group is not None:
-            self._task_group.cancel_scope.cancel()
+        self._sweeper_scope.cancel()
         with anyio.CancelScope(shield=True):
             await self._backend.aclose()
 
@@ -276,10 +278,24 @@ class EventBroadcaster:
         if snapshot is None:
             snapshot = fanout.snapshot = tuple(fanout.refs)
         size = event.size
+        max_items = self._config.max_queue_size
+        max_bytes = self._config.max_queue_bytes - size
         for ref in snapshot:
-            subscription = ref()
-            if subscription is not None:
-                subscription._push(event, size)
+            sub = ref()
+            if sub is None:
+                continue
+            # Subscription._push, inlined for the common case: room in an open queue
+            # (``_items`` is None unless the subscription is open and has had an event).
+            items = sub._items
+            if items is not None and len(items) < max_items and sub._bytes <= max_bytes:
+                items.append(event)
+                sub._bytes += size
+                waker = sub._waker
+                if waker is not None:
+                    sub._waker = None
+                    waker.unpark()
+            else:
+                sub._push(event, size)
         self._delivered += len(snapshot)
 
     def end_session(self, session_id: str, error: BaseException | None = None) -> None:
@@ -294,6 +310,10 @@ class EventBroadcaster:
             subscription = ref()
             if subscription is not None:
                 subscription._end(error)
+            else:
+                # Collected before a sweep removed it: the sweep will skip it now.
+                self._subscribers -= 1
+                self._dead_queues += 1
 
     def has_subscribers(self, session_id: str) -> bool:
         """Whether this process has subscribers of the session."""
@@ -405,12 +425,13 @@ class EventBroadcaster:
     # -- sweeps ------------------------------------------------------------------------------
 
     async def _sweeper(self) -> None:
-        while True:
-            await anyio.sleep(self._config.cleanup_interval)
-            try:
-                await self.cleanup()
-            except Exception:
-                logger.exception("sse_broadcaster sweep failed; retrying next interval")
+        with self._sweeper_scope:
+            while True:
+                await anyio.sleep(self._config.cleanup_interval)
+                try:
+                    await self.cleanup()
+                except Exception:
+                    logger.exception("sse_broadcaster sweep failed; retrying next interval")
 
     async def cleanup(self) -> MemoryMetrics:
         """Run one sweep now: expired events, dead subscribers, idle sessions, memory.

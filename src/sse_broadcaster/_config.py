@@ -19,11 +19,11 @@ def _check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
 
 
-def _check_seconds(name: str, value: Any, *, optional: bool = False) -> None:
+def _check_seconds(name: str, value: Any, *, optional: bool = False, unit: str = "seconds") -> None:
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        kind = "a number of seconds or None" if optional else "a number of seconds"
+        kind = f"a number of {unit} or None" if optional else f"a number of {unit}"
         raise TypeError(f"{name} must be {kind}, got {value!r}")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
@@ -84,8 +84,8 @@ class BroadcasterConfig:
         _check_seconds("cleanup_interval", self.cleanup_interval)
         if not isinstance(self.enable_metrics, bool):
             raise TypeError(f"enable_metrics must be a bool, got {self.enable_metrics!r}")
-        _check_seconds("memory_warning_threshold_mb", self.memory_warning_threshold_mb)
-        _check_seconds("memory_critical_threshold_mb", self.memory_critical_threshold_mb)
+        _check_seconds("memory_warning_threshold_mb", self.memory_warning_threshold_mb, unit="MB")
+        _check_seconds("memory_critical_threshold_mb", self.memory_critical_threshold_mb, unit="MB")
         if self.memory_critical_threshold_mb < self.memory_warning_threshold_mb:
             raise ValueError(
                 "memory_critical_threshold_mb must be >= memory_warning_threshold_mb "

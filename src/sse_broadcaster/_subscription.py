@@ -44,7 +44,8 @@ class Subscription:
 
     The queue holds at most ``max_queue_size`` live events and
     ``max_queue_bytes`` encoded bytes; replayed events come from history, which
-    already holds them, and do not count against these bounds. When the queue
+    already holds them, and do not count against these bounds, nor do events
+    the consumer has already taken out of the queue to iterate them. When the queue
     is full the broadcaster's overflow policy applies. The broadcaster holds the
     subscription only through a weak reference: one that is dropped without
     being closed is collected, and the next sweep counts it.
@@ -61,7 +62,8 @@ class Subscription:
         "_parker",
         "_policy",
         "_ref",
-        "_replay",
+        "_batch",
+        "_waker",
         "_state",
         "dropped",
         "gap",
@@ -90,8 +92,9 @@ class Subscription:
         self._policy = config.overflow_policy
         self._items: deque[Event] | None = None
         self._bytes = 0
-        self._replay: deque[Event] | None = None
+        self._batch: deque[Event] | None = None
         self._parker: Parker | None = None
+        self._waker: Parker | None = None
         self._state = _NEW
         self._error: BaseException | None = None
         self._ref: _SubscriberRef | None = None
@@ -106,7 +109,7 @@ class Subscription:
     @property
     def queued(self) -> int:
         """Events waiting to be received (replayed and live)."""
-        return (len(self._items) if self._items else 0) + (len(self._replay) if self._replay else 0)
+        return (len(self._items) if self._items else 0) + (len(self._batch) if self._batch else 0)
 
     @property
     def closed(self) -> bool:
@@ -114,25 +117,30 @@ class Subscription:
         return self._state == _CLOSED
 
     # -- producer side: called by the broadcaster, never awaits ---------------------
+    #
+    # Two deques: the broadcaster appends to ``_items``; the consumer takes the
+    # whole of ``_items`` at once (swapping it with its empty ``_batch``) and then
+    # pops from ``_batch`` without touching the producer's accounting. The queue
+    # bounds apply to ``_items``: what the consumer has taken is in its hands, like
+    # a read buffer, so a subscriber holds at most two queues' worth.
 
     def _start(self, replay: Iterable[Event], gap: bool) -> None:
         replayed = deque(replay)
         if replayed:
-            self._replay = replayed
+            self._batch = replayed
             self.replayed = len(replayed)
         self.gap = gap
         if self._state == _NEW:
             self._state = _OPEN
 
     def _push(self, event: Event, size: int) -> None:
+        """Queue a live event; the broadcaster inlines the common case of this."""
+        if self._state > _OPEN:
+            return
         items = self._items
         if items is None:
-            if self._state > _OPEN:
-                return
             items = self._items = deque()
         if len(items) >= self._max_items or self._bytes + size > self._max_bytes:
-            if self._state > _OPEN:
-                return
             policy = self._policy
             if policy is OverflowPolicy.DROP_NEWEST:
                 self.dropped += 1
@@ -156,9 +164,10 @@ class Subscription:
             self._broadcaster._count_drops(drops)
         items.append(event)
         self._bytes += size
-        parker = self._parker
-        if parker is not None:
-            parker.unpark()
+        waker = self._waker
+        if waker is not None:
+            self._waker = None
+            waker.unpark()
 
     def _end(self, error: BaseException | None) -> None:
         """No more events will come; the consumer drains the queue, then sees `error`."""
@@ -166,23 +175,34 @@ class Subscription:
             self._state = _ENDING
             self._error = error
             self._broadcaster._detach(self)
-            if self._parker is not None:
-                self._parker.unpark()
+            items, self._items = self._items, None  # the producer's fast path stops here
+            if items:
+                if self._batch:
+                    self._batch.extend(items)
+                else:
+                    self._batch = items
+                self._bytes = 0
+            self._wake()
+
+    def _wake(self) -> None:
+        waker = self._waker
+        if waker is not None:
+            self._waker = None
+            waker.unpark()
 
     # -- consumer side -----------------------------------------------------------------
 
     def _pop(self) -> Event | None:
-        replay = self._replay
-        if replay:
-            event = replay.popleft()
-            if not replay:
-                self._replay = None
-            return event
+        batch = self._batch
+        if batch:
+            return batch.popleft()
         items = self._items
         if items:
-            event = items.popleft()
-            self._bytes -= event.size
-            return event
+            # Take everything queued in O(1): the empty batch becomes the producer's.
+            self._items = batch if batch is not None else deque()
+            self._batch = items
+            self._bytes = 0
+            return items.popleft()
         return None
 
     def _finish(self) -> None:
@@ -243,26 +263,41 @@ class Subscription:
 
     def drain_nowait(self, max_events: int | None = None) -> list[Event]:
         """Every queued event (at most `max_events`), possibly none; never raises."""
-        batch: list[Event] = []
-        limit = max_events if max_events is not None else -1
-        while limit != 0:
+        if max_events is None:
+            taken: list[Event] = []
+            if self._batch:
+                taken.extend(self._batch)
+                self._batch.clear()
+            if self._items:
+                taken.extend(self._items)
+                self._items.clear()
+                self._bytes = 0
+            return taken
+        taken = []
+        while len(taken) < max_events:
             event = self._pop()
             if event is None:
                 break
-            batch.append(event)
-            limit -= 1
-        return batch
+            taken.append(event)
+        return taken
 
     async def _wait(self) -> None:
         parker = self._parker
         if parker is None:
             parker = self._parker = make_parker()
-        await parker.park()
+        self._waker = parker
+        try:
+            await parker.park()
+        finally:
+            self._waker = None
 
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> Event:
+        batch = self._batch
+        if batch:  # the hot path: one frame, no await
+            return batch.popleft()
         try:
             return await self.receive()
         except anyio.EndOfStream:
@@ -291,8 +326,7 @@ class Subscription:
         self._state = _CLOSED
         self._broadcaster._detach(self)
         self._release()
-        if self._parker is not None:
-            self._parker.unpark()
+        self._wake()
 
     async def aclose(self) -> None:
         """Close the subscription and tell the backend when it was the session's last."""
@@ -304,5 +338,5 @@ class Subscription:
 
     def _release(self) -> None:
         self._items = None
-        self._replay = None
+        self._batch = None
         self._bytes = 0

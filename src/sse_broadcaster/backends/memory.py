@@ -170,23 +170,34 @@ class MemoryBackend:
     ) -> Event:
         hub = self._require_hub()
         config = hub.config
+        created = session_id not in self._sessions
         session = self._session(session_id, hub)
         now = hub.clock()
-        new = Event(f"{session.epoch}-{session.seq + 1}", session_id, data, event, retry, now)
-        size = new.size
-        if size > config.max_event_bytes:
-            if not session.seq and not session.history and not hub.has_subscribers(session_id):
-                del self._sessions[session_id]  # do not leave a session for a refused event
-            raise EventTooLargeError(
-                f"event of {size} bytes encoded exceeds max_event_bytes={config.max_event_bytes}"
-            )
+        try:
+            new = Event(f"{session.epoch}-{session.seq + 1}", session_id, data, event, retry, now)
+            size = new.size
+            if size > config.max_event_bytes:
+                raise EventTooLargeError(
+                    f"event of {size} bytes encoded exceeds "
+                    f"max_event_bytes={config.max_event_bytes}"
+                )
+        except ValueError:
+            # A bad event name or retry, data not encodable, or too large: do not
+            # leave a session behind for a refused event.
+            if created:
+                del self._sessions[session_id]
+            raise
         session.seq += 1
         session.last_active = now
         if config.max_history_per_session:
             history = session.history
             if len(history) >= config.max_history_per_session:
+                oldest = history[0]
                 self._evict_oldest(session)
-                self._stale += 1
+                if self._index[0] is oldest:
+                    self._index.popleft()  # the common case: no stale entry left behind
+                else:
+                    self._stale += 1
             history.append(new)
             session.bytes += size
             self._bytes += size
