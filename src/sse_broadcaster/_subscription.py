@@ -53,6 +53,7 @@ class Subscription:
 
     __slots__ = (
         "__weakref__",
+        "_batch",
         "_broadcaster",
         "_bytes",
         "_error",
@@ -62,9 +63,8 @@ class Subscription:
         "_parker",
         "_policy",
         "_ref",
-        "_batch",
-        "_waker",
         "_state",
+        "_waker",
         "dropped",
         "gap",
         "last_event_id",
