@@ -240,9 +240,8 @@ def main() -> None:
     print(f"Machine: {os.cpu_count()} cores, Python {platform.python_version()}, {versions()}")
     print(f"Median of {args.runs} runs each, alternating; deliveries/s (M = 10^6); peak RSS MB.")
     print()
-    print(
-        "| S x E | ours | encode/broadcaster | asyncio.Queue fan-out | ours / encode | ours / queue |"
-    )
+    header = ["S x E", "ours", "encode/broadcaster", "asyncio.Queue fan-out"]
+    print("| " + " | ".join([*header, "ours / encode", "ours / queue"]) + " |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         cells = [
