@@ -112,7 +112,7 @@ class EventBroadcaster:
         self._task_group: TaskGroup | None = None
         # The sweeper's own scope: cancelling the task group's scope instead would also
         # cancel the body of 'async with broadcaster:', which runs inside it.
-        self._sweeper_scope = anyio.CancelScope()
+        self._sweeper_scope: anyio.CancelScope | None = None
         self._pressure: PressureLevel | None = None
         # counters
         self._subscribers = 0
@@ -172,7 +172,9 @@ class EventBroadcaster:
             raise
         self._task_group = task_group
         self._running = True
-        task_group.start_soon(self._sweeper, name="sse_broadcaster sweeper")
+        # Made here, not in __init__: a CancelScope needs a running event loop.
+        self._sweeper_scope = anyio.CancelScope()
+        task_group.start_soon(self._sweeper, self._sweeper_scope, name="sse_broadcaster sweeper")
         return self
 
     async def __aexit__(
@@ -199,7 +201,8 @@ class EventBroadcaster:
         self._running = False
         for session_id in list(self._fanouts):
             self.end_session(session_id)
-        self._sweeper_scope.cancel()
+        if self._sweeper_scope is not None:
+            self._sweeper_scope.cancel()
         with anyio.CancelScope(shield=True):
             await self._backend.aclose()
 
@@ -241,8 +244,11 @@ class EventBroadcaster:
             BackendUnavailableError: the backend could not store the event.
             BroadcasterClosedError: the broadcaster is not running.
         """
-        self._check_running()
-        _check_session_id(session_id)
+        if not self._running:
+            self._check_running()
+        # A session with subscribers here was validated when they subscribed.
+        if type(session_id) is not str or session_id not in self._fanouts:
+            _check_session_id(session_id)
         if type(data) is not str:
             data = self._serialise(data)
         published = await self._backend.publish(session_id, data, event, retry)
@@ -277,7 +283,7 @@ class EventBroadcaster:
         snapshot = fanout.snapshot
         if snapshot is None:
             snapshot = fanout.snapshot = tuple(fanout.refs)
-        size = event.size
+        size = len(event._wire)
         max_items = self._config.max_queue_size
         max_bytes = self._config.max_queue_bytes - size
         for ref in snapshot:
@@ -424,8 +430,8 @@ class EventBroadcaster:
 
     # -- sweeps ------------------------------------------------------------------------------
 
-    async def _sweeper(self) -> None:
-        with self._sweeper_scope:
+    async def _sweeper(self, scope: anyio.CancelScope) -> None:
+        with scope:
             while True:
                 await anyio.sleep(self._config.cleanup_interval)
                 try:

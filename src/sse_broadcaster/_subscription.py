@@ -158,7 +158,7 @@ class Subscription:
                 return
             drops = 0
             while items and (len(items) >= self._max_items or self._bytes + size > self._max_bytes):
-                self._bytes -= items.popleft().size
+                self._bytes -= len(items.popleft()._wire)
                 drops += 1
             self.dropped += drops
             self._broadcaster._count_drops(drops)
@@ -282,6 +282,8 @@ class Subscription:
         return taken
 
     async def _wait(self) -> None:
+        if self._waker is not None:
+            raise anyio.BusyResourceError("receiving from")
         parker = self._parker
         if parker is None:
             parker = self._parker = make_parker()

@@ -14,6 +14,8 @@ __all__ = ["MemoryBackend"]
 # Rough per-object costs for the memory estimate (CPython 3.11, 64-bit).
 _EVENT_OVERHEAD = 240  # Event object, its id str and index entries
 _SESSION_OVERHEAD = 900  # _Session object, dict entry, empty history deque
+# The index is compacted once it holds more stale entries than this and than live ones.
+_COMPACT_MIN = 1024
 
 
 class _Session:
@@ -100,12 +102,13 @@ class MemoryBackend:
 
     def _evict_oldest(self, session: _Session) -> None:
         event = session.history.popleft()
-        session.bytes -= event.size
-        self._bytes -= event.size
+        size = len(event._wire)
+        session.bytes -= size
+        self._bytes -= size
         self._events -= 1
 
     def _maybe_compact(self) -> None:
-        if self._stale > 1024 and self._stale * 2 > len(self._index):
+        if self._stale > _COMPACT_MIN and self._stale * 2 > len(self._index):
             live = [e for e in self._index if self._is_retained(e)]
             self._index = deque(live)
             self._stale = 0
@@ -175,7 +178,7 @@ class MemoryBackend:
         now = hub.clock()
         try:
             new = Event(f"{session.epoch}-{session.seq + 1}", session_id, data, event, retry, now)
-            size = new.size
+            size = len(new._wire)
             if size > config.max_event_bytes:
                 raise EventTooLargeError(
                     f"event of {size} bytes encoded exceeds "
@@ -207,7 +210,8 @@ class MemoryBackend:
             if limit is not None:
                 while self._bytes > limit:
                     self._pop_index()
-            self._maybe_compact()
+            if self._stale > _COMPACT_MIN:
+                self._maybe_compact()
         hub.deliver(session_id, new)
         return new
 
