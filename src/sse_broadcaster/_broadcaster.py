@@ -166,9 +166,11 @@ class EventBroadcaster:
         await task_group.__aenter__()
         try:
             await self._backend.start(self)
-        except BaseException as exc:
+        except BaseException:
+            # Nothing runs in the task group yet: close it without handing it the
+            # error, which it would wrap in an ExceptionGroup.
             task_group.cancel_scope.cancel()
-            await task_group.__aexit__(type(exc), exc, exc.__traceback__)
+            await task_group.__aexit__(None, None, None)
             raise
         self._task_group = task_group
         self._running = True
@@ -187,7 +189,13 @@ class EventBroadcaster:
         task_group, self._task_group = self._task_group, None
         if task_group is None:  # pragma: no cover - __aenter__ always sets it
             return None
-        return await task_group.__aexit__(exc_type, exc, tb)
+        if exc is None or isinstance(exc, anyio.get_cancelled_exc_class()):
+            return await task_group.__aexit__(exc_type, exc, tb)
+        # The body raised. The sweeper is already cancelled, so the task group ends at
+        # once; the body's exception propagates as it is, not wrapped by the task
+        # group in an ExceptionGroup.
+        await task_group.__aexit__(None, None, None)
+        return None
 
     async def aclose(self) -> None:
         """End every subscription, stop the sweeper and close the backend. Idempotent.
@@ -576,4 +584,5 @@ class EventBroadcaster:
 
 
 def _compact_json(data: Any) -> str:
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    # allow_nan=False: NaN and Infinity are not JSON, and a browser's JSON.parse rejects them.
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)

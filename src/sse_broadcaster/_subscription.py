@@ -253,7 +253,12 @@ class Subscription:
         """Every queued event (at most `max_events`), waiting until there is one.
 
         Adapters use this to write what accumulated in one go.
+
+        Raises:
+            ValueError: `max_events` is less than 1 (it could never return).
         """
+        if max_events is not None and max_events < 1:
+            raise ValueError(f"max_events must be None or >= 1, got {max_events!r}")
         while True:
             batch = self.drain_nowait(max_events)
             if batch:

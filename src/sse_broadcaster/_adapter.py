@@ -1,0 +1,615 @@
+"""What the Starlette and aiohttp adapters share: headers, ids, the stream pump, metrics.
+
+Nothing here imports a web framework. An adapter turns its request into a
+session id, a Last-Event-ID and an ``authorize`` answer, enters a
+`Subscription`, then hands `run_stream` a coroutine that writes bytes to the
+client. `run_stream` owns the timing: keep-alive comments, the send timeout,
+batching, and ending on the server's shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import math
+import random
+import signal
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+
+from ._errors import (
+    BroadcasterClosedError,
+    BroadcasterError,
+    SessionLimitError,
+    SlowSubscriberError,
+    SubscriberLimitError,
+)
+from ._event import Event, encode_comment
+
+if TYPE_CHECKING:
+    from ._broadcaster import EventBroadcaster
+    from ._config import BroadcasterConfig
+    from ._subscription import Subscription
+
+__all__ = [
+    "COME_BACK_LATER",
+    "LastEventId",
+    "MAX_LAST_EVENT_ID",
+    "METRICS_CONTENT_TYPE",
+    "SSE_HEADERS",
+    "Authorize",
+    "Outcome",
+    "StreamRegistry",
+    "StreamWriter",
+    "come_back_later",
+    "gap_event",
+    "install_shutdown_hook",
+    "is_authorized",
+    "missing_extra",
+    "parse_last_event_id",
+    "prelude",
+    "registry_for",
+    "render_metrics",
+    "run_stream",
+]
+
+logger = logging.getLogger("sse_broadcaster")
+
+#: Response headers of every stream. ``X-Accel-Buffering: no`` tells nginx not
+#: to buffer the response (its proxy_buffering would hold events back).
+SSE_HEADERS: tuple[tuple[str, str], ...] = (
+    ("Content-Type", "text/event-stream; charset=utf-8"),
+    ("Cache-Control", "no-cache"),
+    ("X-Accel-Buffering", "no"),
+)
+
+#: Longest Last-Event-ID taken as is; a longer one is answered as a gap. Ids the
+#: broadcaster issues are far shorter; the cap keeps a hostile header from being
+#: parsed, logged or echoed back at full length.
+MAX_LAST_EVENT_ID = 256
+
+#: The Prometheus text exposition format, version 0.0.4.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Errors on entering a subscription that mean "not now, come back later".
+COME_BACK_LATER: tuple[type[BroadcasterError], ...] = (
+    SessionLimitError,
+    SubscriberLimitError,
+    BroadcasterClosedError,
+)
+
+_PING = encode_comment("ping")
+
+#: ``authorize(request, session_id)``: True lets the stream open; may be async.
+Authorize = Callable[[Any, str], "bool | Awaitable[bool]"]
+
+#: How a stream ended, as `run_stream` reports it.
+Outcome = Literal["ended", "disconnected", "timeout", "shutdown"]
+
+
+def missing_extra(extra: str, exc: ImportError) -> ImportError:
+    """The ImportError raised when an adapter's framework is not installed."""
+    return ImportError(
+        f"sse_broadcaster.{extra} needs {extra} ({exc}): pip install 'sse-broadcaster[{extra}]'"
+    )
+
+
+# -- request parsing -------------------------------------------------------------------
+
+
+# Passed to subscribe() in place of an id that cannot be one: no backend issues
+# it (ids carry an epoch and a sequence), so the subscription reports a gap and
+# replays everything retained, as for any unknown id.
+_REJECTED_ID = "invalid"
+
+
+@dataclass(frozen=True, slots=True)
+class LastEventId:
+    """A client's resume position, as the adapters understood it."""
+
+    value: str | None
+    """The id to pass to `EventBroadcaster.subscribe` (None: live events only)."""
+    requested: str | None
+    """What the client sent (capped at `MAX_LAST_EVENT_ID` characters), for the gap event."""
+    rejected: bool
+    """True when what it sent cannot be an id (too long, control characters): a gap."""
+
+
+def parse_last_event_id(header: str | None, query: str | None) -> LastEventId:
+    """The resume position from the ``Last-Event-ID`` header, else the ``lastEventId`` query.
+
+    The query parameter is for EventSource polyfills that cannot set headers.
+    An empty value means none. A value that is too long or holds control
+    characters is never passed on: the stream replays what is retained after
+    a ``gap`` event, as for any unknown id.
+    """
+    raw = header if header else query
+    if not raw:
+        return LastEventId(None, None, False)
+    if len(raw) > MAX_LAST_EVENT_ID or any(ord(c) < 0x20 or ord(c) == 0x7F for c in raw):
+        return LastEventId(_REJECTED_ID, raw[:MAX_LAST_EVENT_ID], True)
+    return LastEventId(raw, raw, False)
+
+
+async def is_authorized(authorize: Authorize | None, request: object, session_id: str) -> bool:
+    """Call the ``authorize(request, session_id)`` hook, sync or async; no hook allows all."""
+    if authorize is None:
+        return True
+    result = authorize(request, session_id)
+    if inspect.isawaitable(result):
+        result = await result
+    return bool(result)
+
+
+# -- wire pieces -------------------------------------------------------------------------
+
+
+def gap_event(session_id: str, last_event_id: LastEventId, replayed: int) -> bytes:
+    """The ``gap`` event that opens a stream when events may have been lost.
+
+    It carries no ``id:`` field, so the client's last event id is left as it was.
+    """
+    payload: dict[str, Any] = {"lastEventId": last_event_id.requested, "replayed": replayed}
+    if last_event_id.rejected:
+        payload["invalid"] = True
+    data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return Event(id="", session_id=session_id, data=data, event="gap").encode()
+
+
+def prelude(
+    config: BroadcasterConfig,
+    subscription: Subscription,
+    last_event_id: LastEventId,
+) -> bytes:
+    """What a stream starts with: ``retry:``, the ``gap`` event, then the replay."""
+    parts: list[bytes] = []
+    if config.retry_ms is not None:
+        parts.append(b"retry: %d\n\n" % config.retry_ms)
+    if subscription.gap or last_event_id.rejected:
+        parts.append(gap_event(subscription.session_id, last_event_id, subscription.replayed))
+    parts.extend(event.encode() for event in subscription.drain_nowait())
+    return b"".join(parts)
+
+
+def come_back_later(config: BroadcasterConfig, reason: str) -> tuple[bytes, int]:
+    """Body and ``Retry-After`` seconds of the answer to a stream that cannot open now.
+
+    A browser's EventSource gives up for good on any status but 200, so a limit
+    is answered with 200, a jittered ``retry:`` so that a crowd of clients does
+    not come back at the same instant, and the end of the stream: the browser
+    reconnects after that delay. Other clients read ``Retry-After``.
+    """
+    base = config.retry_ms if config.retry_ms else 3000
+    retry_ms = int(base * random.uniform(1.0, 2.0))
+    body = b"retry: %d\n\n" % retry_ms + encode_comment(reason.replace("\n", " "))
+    return body, max(1, math.ceil(retry_ms / 1000))
+
+
+# -- shutdown ------------------------------------------------------------------------------
+
+
+class StreamRegistry:
+    """The open streams of one broadcaster, so that a server's shutdown can end them."""
+
+    __slots__ = ("__weakref__", "_stops", "closing")
+
+    def __init__(self) -> None:
+        self._stops: set[Callable[[], None]] = set()
+        self.closing = False
+        """True once `close_all` ran: new streams are told to come back later."""
+
+    def __len__(self) -> int:
+        return len(self._stops)
+
+    def add(self, stop: Callable[[], None]) -> None:
+        self._stops.add(stop)
+
+    def discard(self, stop: Callable[[], None]) -> None:
+        self._stops.discard(stop)
+
+    def close_all(self) -> None:
+        """End every open stream now; call it from the event loop's thread."""
+        self.closing = True
+        for stop in list(self._stops):
+            stop()
+
+
+_REGISTRIES: weakref.WeakKeyDictionary[EventBroadcaster, StreamRegistry] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def registry_for(broadcaster: EventBroadcaster) -> StreamRegistry:
+    """The registry of the broadcaster's open streams (made on first use)."""
+    registry = _REGISTRIES.get(broadcaster)
+    if registry is None:
+        registry = _REGISTRIES[broadcaster] = StreamRegistry()
+    return registry
+
+
+_SignalHandler = Callable[[int, "FrameType | None"], Any]
+
+
+class _ShutdownHook:
+    """A signal handler wrapped around the server's own: it also ends open streams.
+
+    uvicorn (0.54, h11 and httptools) does not tell streaming responses that it
+    is shutting down: on SIGTERM it stops accepting, marks connections
+    keep-alive=False and then waits for every response to finish, so an open
+    SSE stream keeps it waiting ("Waiting for connections to close") forever,
+    and the lifespan shutdown that would close the broadcaster only runs after
+    that. Chaining the handler uvicorn installed for SIGINT/SIGTERM lets the
+    streams end as soon as the signal arrives, with the plain ``uvicorn
+    module:app`` command.
+    """
+
+    def __init__(
+        self, original: _SignalHandler, schedule: Callable[[Callable[[], None]], object]
+    ) -> None:
+        self.original = original
+        self.schedule = schedule
+        self.registries: weakref.WeakSet[StreamRegistry] = weakref.WeakSet()
+
+    def __call__(self, signum: int, frame: FrameType | None) -> Any:
+        # A signal handler runs between two bytecodes of the main thread, maybe
+        # inside the event loop itself: only schedule the work on the loop.
+        with contextlib.suppress(RuntimeError):  # a closed loop has no stream left
+            self.schedule(self._close)
+        return self.original(signum, frame)
+
+    def _close(self) -> None:
+        for registry in list(self.registries):
+            registry.close_all()
+
+
+def _scheduler() -> Callable[[Callable[[], None]], object] | None:
+    """How to run a callback on the running event loop from a signal handler."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        return loop.call_soon_threadsafe
+    trio: Any = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            return trio.lowlevel.current_trio_token().run_sync_soon  # type: ignore[no-any-return]
+        except RuntimeError:
+            pass
+    return None  # pragma: no cover - neither asyncio nor trio
+
+
+def install_shutdown_hook(registry: StreamRegistry) -> bool:
+    """Chain the server's SIGINT/SIGTERM handlers so that they end the registry's streams.
+
+    Only handlers a server installed (callables other than Python's default
+    SIGINT handler) are wrapped: a process whose SIGTERM kills it is left as
+    it is. Signals can be handled only in the main thread; elsewhere (a server
+    run in a thread) nothing is done. Idempotent.
+
+    Returns:
+        True when at least one handler now ends the streams.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    hooked = False
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(signum)
+        if isinstance(current, _ShutdownHook):
+            current.registries.add(registry)
+            hooked = True
+            continue
+        if (
+            not callable(current)
+            or current is signal.default_int_handler
+            # trio's own KeyboardInterrupt handler: trio restores it only if it
+            # is still in place when the run ends, so leave it alone.
+            or getattr(current, "__module__", "").startswith("trio")
+        ):
+            continue
+        schedule = _scheduler()
+        if schedule is None:  # pragma: no cover
+            return False
+        hook = _ShutdownHook(current, schedule)
+        hook.registries.add(registry)
+        signal.signal(signum, hook)
+        hooked = True
+    return hooked
+
+
+# -- the stream pump ----------------------------------------------------------------------
+
+
+class StreamWriter:
+    """Serialises the writes of one stream and times them for the watchdog.
+
+    The hot path takes no lock and enters no cancel scope: a write sets a flag
+    and a start time that the watchdog reads. Only when a keep-alive comment
+    and a batch collide does a writer wait, on an event made for the occasion.
+    """
+
+    __slots__ = ("_idle", "_send", "busy", "last_write", "started")
+
+    def __init__(self, send: Callable[[bytes], Awaitable[None]]) -> None:
+        self._send = send
+        self._idle: anyio.Event | None = None
+        self.busy = False
+        self.started = 0.0
+        self.last_write = time.monotonic()
+
+    async def write(self, data: bytes) -> None:
+        while self.busy:
+            if self._idle is None:
+                self._idle = anyio.Event()
+            await self._idle.wait()
+        self.busy = True
+        self.started = time.monotonic()
+        try:
+            await self._send(data)
+        finally:
+            self.busy = False
+            self.last_write = time.monotonic()
+            idle, self._idle = self._idle, None
+            if idle is not None:
+                idle.set()
+
+
+async def run_stream(
+    subscription: Subscription,
+    send: Callable[[bytes], Awaitable[None]],
+    *,
+    config: BroadcasterConfig,
+    registry: StreamRegistry,
+    first: bytes = b"",
+    disconnected: Callable[[], bool] | None = None,
+    listen: Callable[[], Awaitable[None]] | None = None,
+    flush_window: float = 0.0,
+) -> Outcome:
+    """Write the subscription's events to a client until one side ends.
+
+    Each wake-up drains everything queued and sends it in one write. A
+    watchdog task sends ``: ping`` every ``keepalive_interval`` of silence and
+    ends the stream when a write cannot finish within ``send_timeout``: it
+    looks four times per timeout and drops a write that has waited three
+    quarters of it, so a stalled client is gone at most ``send_timeout``
+    after the write began (and never before 0.75 of it). No lock and no
+    cancel scope per write: the hot path only stamps two times.
+
+    `disconnected` is polled by the watchdog; `listen` returns when the
+    client has gone (an ASGI ``http.disconnect``).
+    `flush_window` (seconds, 0 to disable) waits that long after the first
+    event of a batch so that more can join it.
+
+    Returns:
+        Why it ended: the subscription "ended" (session or broadcaster closed,
+        slow subscriber), the client "disconnected", a write hit the send
+        "timeout", or the server began its "shutdown".
+    """
+    writer = StreamWriter(send)
+    outcome: Outcome = "ended"
+    keepalive = config.keepalive_interval
+    send_timeout = config.send_timeout
+    tick = min(keepalive, send_timeout) / 4
+    # A check every `tick` sees a stalled write at most `tick` late.
+    stalled = send_timeout - send_timeout / 4
+
+    def stop(reason: Outcome) -> None:
+        nonlocal outcome
+        if outcome == "ended":
+            outcome = reason
+        scope.cancel()
+
+    async def watchdog() -> None:
+        while True:
+            now = time.monotonic()
+            wait = tick
+            if writer.busy:
+                if now - writer.started >= stalled:
+                    stop("timeout")
+                    return
+            elif disconnected is not None and disconnected():
+                stop("disconnected")
+                return
+            else:
+                silence = now - writer.last_write
+                if silence >= keepalive:
+                    try:
+                        with anyio.move_on_after(send_timeout) as ping_scope:
+                            await writer.write(_PING)
+                    except OSError:
+                        stop("disconnected")
+                        return
+                    if ping_scope.cancelled_caught:
+                        stop("timeout")
+                        return
+                    continue
+                wait = min(tick, keepalive - silence)
+            await anyio.sleep(wait)
+
+    async def listener() -> None:
+        assert listen is not None
+        await listen()
+        stop("disconnected")
+
+    def shutdown() -> None:
+        stop("shutdown")
+
+    async with anyio.create_task_group() as task_group:
+        scope = task_group.cancel_scope
+        registry.add(shutdown)
+        try:
+            if registry.closing:
+                shutdown()
+            task_group.start_soon(watchdog)
+            if listen is not None:
+                task_group.start_soon(listener)
+            if first:
+                await writer.write(first)
+            while True:
+                try:
+                    batch = await subscription.receive_batch()
+                except (anyio.EndOfStream, anyio.ClosedResourceError):
+                    break
+                except SlowSubscriberError:
+                    logger.debug(
+                        "stream of session %r ended: slow subscriber", subscription.session_id
+                    )
+                    break
+                except BroadcasterError as exc:  # GapError and the like end the stream
+                    logger.info("stream of session %r ended: %s", subscription.session_id, exc)
+                    break
+                if flush_window > 0:
+                    await anyio.sleep(flush_window)
+                    batch += subscription.drain_nowait()
+                await writer.write(_join(batch))
+        except OSError:  # the peer reset the connection (aiohttp raises on write)
+            stop("disconnected")
+        finally:
+            registry.discard(shutdown)
+            scope.cancel()
+    return outcome
+
+
+def _join(batch: list[Event]) -> bytes:
+    if len(batch) == 1:
+        return batch[0].encode()
+    return b"".join([event.encode() for event in batch])
+
+
+# -- Prometheus --------------------------------------------------------------------------------
+
+_MB = 1024 * 1024
+
+# (metric name, type, help, path in stats(), scale)
+_METRICS: tuple[tuple[str, str, str, tuple[str, ...], float], ...] = (
+    ("sse_broadcaster_sessions", "gauge", "Sessions that exist now.", ("totalSessions",), 1),
+    ("sse_broadcaster_subscribers", "gauge", "Open subscriptions.", ("totalSubscribers",), 1),
+    ("sse_broadcaster_history_events", "gauge", "Events retained in history.", ("totalEvents",), 1),
+    (
+        "sse_broadcaster_events_published_total",
+        "counter",
+        "Events published.",
+        ("eventsPublished",),
+        1,
+    ),
+    (
+        "sse_broadcaster_events_delivered_total",
+        "counter",
+        "Events queued to subscribers.",
+        ("eventsDelivered",),
+        1,
+    ),
+    (
+        "sse_broadcaster_events_dropped_total",
+        "counter",
+        "Events dropped by the drop_oldest / drop_newest policies.",
+        ("eventsDropped",),
+        1,
+    ),
+    (
+        "sse_broadcaster_slow_subscriber_disconnects_total",
+        "counter",
+        "Subscribers disconnected for falling behind.",
+        ("slowSubscriberDisconnects",),
+        1,
+    ),
+    (
+        "sse_broadcaster_gaps_total",
+        "counter",
+        "Subscriptions that resumed after events were lost.",
+        ("gaps",),
+        1,
+    ),
+    (
+        "sse_broadcaster_replays_total",
+        "counter",
+        "Subscriptions that resumed from an id.",
+        ("replays",),
+        1,
+    ),
+    (
+        "sse_broadcaster_replayed_events_total",
+        "counter",
+        "Events replayed from history.",
+        ("replayedEvents",),
+        1,
+    ),
+    (
+        "sse_broadcaster_expired_events_total",
+        "counter",
+        "Events removed from history by TTL.",
+        ("cleanup", "expiredEventsCleaned"),
+        1,
+    ),
+    (
+        "sse_broadcaster_dead_queues_cleaned_total",
+        "counter",
+        "Abandoned subscriptions removed by sweeps.",
+        ("cleanup", "deadQueuesCleaned"),
+        1,
+    ),
+    (
+        "sse_broadcaster_sessions_expired_total",
+        "counter",
+        "Idle sessions expired.",
+        ("cleanup", "sessionsExpired"),
+        1,
+    ),
+    ("sse_broadcaster_cleanups_total", "counter", "Sweeps run.", ("cleanup", "cleanupCount"), 1),
+    (
+        "sse_broadcaster_process_resident_memory_bytes",
+        "gauge",
+        "Process resident set size.",
+        ("memoryUsageMB",),
+        _MB,
+    ),
+    (
+        "sse_broadcaster_memory_estimate_bytes",
+        "gauge",
+        "Estimate of the memory the broadcaster holds.",
+        ("broadcasterMemoryEstimateMB",),
+        _MB,
+    ),
+)
+
+
+def render_metrics(stats: dict[str, Any], extra: Iterable[tuple[str, str, str, float]] = ()) -> str:
+    """`EventBroadcaster.stats` in the Prometheus text format (0.0.4).
+
+    `extra` adds ``(name, type, help, value)`` samples (the adapters' open streams).
+    Keys missing from the snapshot are left out.
+    """
+    lines: list[str] = []
+
+    def sample(name: str, kind: str, help_text: str, value: float) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.append(f"{name} {_number(value)}")
+
+    for name, kind, help_text, path, scale in _METRICS:
+        value: Any = stats
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        sample(name, kind, help_text, value * scale)
+    for name, kind, help_text, number in extra:
+        sample(name, kind, help_text, number)
+    return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int) or float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))

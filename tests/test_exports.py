@@ -1,0 +1,104 @@
+"""The public surface: __all__, module names of re-exports, no optional imports, the error tree."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+
+import pytest
+
+import sse_broadcaster
+import sse_broadcaster.backends
+from sse_broadcaster import BroadcasterError, EventBroadcaster
+from sse_broadcaster.backends import Backend, MemoryBackend
+
+pytestmark = pytest.mark.anyio
+
+INCLUDED_PRIVATE_NAMES = {"__version__"}
+
+
+def _public_names(module: object) -> list[str]:
+    return [
+        name
+        for name, value in vars(module).items()
+        if (not name.startswith("_") or name in INCLUDED_PRIVATE_NAMES)
+        and not inspect.ismodule(value)
+    ]
+
+
+def test_all_equals_the_public_names_sorted() -> None:
+    assert sse_broadcaster.__all__ == sorted(sse_broadcaster.__all__)
+    assert set(sse_broadcaster.__all__) == set(_public_names(sse_broadcaster))
+    assert len(sse_broadcaster.__all__) == len(set(sse_broadcaster.__all__))
+
+
+def test_backends_all_equals_its_public_names() -> None:
+    assert sse_broadcaster.backends.__all__ == sorted(sse_broadcaster.backends.__all__)
+    assert set(sse_broadcaster.backends.__all__) == set(_public_names(sse_broadcaster.backends))
+
+
+def test_design_names_are_exported() -> None:
+    assert {
+        "BroadcasterConfig",
+        "Event",
+        "EventBroadcaster",
+        "Subscription",
+        "MemoryMetrics",
+        "OverflowPolicy",
+        "BroadcasterError",
+        "BroadcasterClosedError",
+        "SessionLimitError",
+        "SubscriberLimitError",
+        "SlowSubscriberError",
+        "EventTooLargeError",
+        "BackendUnavailableError",
+    } <= set(sse_broadcaster.__all__)
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in sse_broadcaster.__all__ if isinstance(getattr(sse_broadcaster, n), type)]
+)
+def test_reexported_classes_belong_to_the_package(name: str) -> None:
+    cls = getattr(sse_broadcaster, name)
+    assert cls.__module__ == "sse_broadcaster"
+    assert repr(cls) in {f"<class 'sse_broadcaster.{name}'>", f"<enum '{name}'>"}
+
+
+def test_version_is_a_string() -> None:
+    assert isinstance(sse_broadcaster.__version__, str)
+    assert sse_broadcaster.__version__[0].isdigit()
+
+
+def test_import_does_not_import_optional_dependencies() -> None:
+    code = (
+        "import json, sys; import sse_broadcaster; "
+        "print(json.dumps(sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('starlette', 'aiohttp', 'redis', 'fastapi', 'uvicorn', 'trio'))))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert json.loads(result.stdout) == []
+
+
+def test_every_error_derives_from_broadcaster_error() -> None:
+    errors = [getattr(sse_broadcaster, n) for n in sse_broadcaster.__all__ if n.endswith("Error")]
+    assert len(errors) == 8
+    for error in errors:
+        assert issubclass(error, BroadcasterError)
+    assert issubclass(sse_broadcaster.EventTooLargeError, ValueError)
+
+
+def test_memory_backend_follows_the_backend_protocol() -> None:
+    assert isinstance(MemoryBackend(), Backend)
+
+
+async def test_a_memory_backend_serves_one_broadcaster() -> None:
+    backend = MemoryBackend()
+    async with EventBroadcaster(backend=backend) as broadcaster:
+        assert broadcaster.backend is backend
+        with pytest.raises(RuntimeError, match="a MemoryBackend serves one EventBroadcaster, once"):
+            async with EventBroadcaster(backend=backend):
+                pass
