@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 
 from ._errors import (
+    BackendUnavailableError,
     BroadcasterClosedError,
     BroadcasterError,
     SessionLimitError,
@@ -87,6 +88,9 @@ COME_BACK_LATER: tuple[type[BroadcasterError], ...] = (
     SessionLimitError,
     SubscriberLimitError,
     BroadcasterClosedError,
+    # A shared backend (Redis) that cannot be reached: hold off the client with
+    # retry: rather than an error status, which a browser would never retry.
+    BackendUnavailableError,
 )
 
 _PING = encode_comment("ping")
@@ -581,6 +585,27 @@ _METRICS: tuple[tuple[str, str, str, tuple[str, ...], float], ...] = (
         ("broadcasterMemoryEstimateMB",),
         _MB,
     ),
+    (
+        "sse_broadcaster_backend_connected",
+        "gauge",
+        "1 when the backend is connected (shared backends only).",
+        ("backend", "connected"),
+        1,
+    ),
+    (
+        "sse_broadcaster_backend_reconnects_total",
+        "counter",
+        "Reconnections to the backend.",
+        ("backend", "reconnects"),
+        1,
+    ),
+    (
+        "sse_broadcaster_backend_recovered_events_total",
+        "counter",
+        "Events recovered from backend history after a lost connection.",
+        ("backend", "recoveredEvents"),
+        1,
+    ),
 )
 
 
@@ -601,7 +626,9 @@ def render_metrics(stats: dict[str, Any], extra: Iterable[tuple[str, str, str, f
         value: Any = stats
         for key in path:
             value = value.get(key) if isinstance(value, dict) else None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool):
+            value = int(value)
+        elif not isinstance(value, (int, float)):
             continue
         sample(name, kind, help_text, value * scale)
     for name, kind, help_text, number in extra:

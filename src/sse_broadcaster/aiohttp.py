@@ -1,0 +1,225 @@
+"""Server-Sent Events handlers for aiohttp.
+
+::
+
+    from aiohttp import web
+
+    from sse_broadcaster import EventBroadcaster
+    from sse_broadcaster.aiohttp import metrics_handler, setup, sse_handler, stats_handler
+
+    broadcaster = EventBroadcaster()
+    app = web.Application()
+    app.router.add_get("/events/{session_id}", sse_handler(broadcaster))
+    app.router.add_get("/stats", stats_handler(broadcaster))
+    app.router.add_get("/metrics", metrics_handler(broadcaster))
+    setup(app, broadcaster)  # starts and closes it with the app (cleanup_ctx)
+    web.run_app(app)
+
+Needs the ``aiohttp`` extra: ``pip install 'sse-broadcaster[aiohttp]'``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ._adapter import (
+    COME_BACK_LATER,
+    METRICS_CONTENT_TYPE,
+    SSE_HEADERS,
+    Authorize,
+    come_back_later,
+    is_authorized,
+    missing_extra,
+    parse_last_event_id,
+    prelude,
+    registry_for,
+    render_metrics,
+    run_stream,
+)
+
+try:
+    from aiohttp import web
+except ImportError as exc:  # pragma: no cover - tested by hiding aiohttp
+    raise missing_extra("aiohttp", exc) from exc
+
+if TYPE_CHECKING:
+    from ._broadcaster import EventBroadcaster
+
+__all__ = ["metrics_handler", "setup", "sse_handler", "stats_handler"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def sse_handler(
+    broadcaster: EventBroadcaster,
+    *,
+    authorize: Authorize | None = None,
+    match_info_key: str = "session_id",
+    flush_window: float = 0.0,
+) -> Handler:
+    """A handler streaming the session named by the route's ``{session_id}``.
+
+    Use it as ``app.router.add_get("/events/{session_id}", sse_handler(broadcaster))``.
+    It behaves as `sse_broadcaster.starlette.sse_endpoint` does: resume from
+    ``Last-Event-ID`` (or the ``lastEventId`` query parameter), ``retry:`` and
+    a ``gap`` event first, keep-alive comments, the send timeout, batched
+    writes; 400 for an invalid session id, 403 when `authorize` says no, and
+    200 with a jittered ``retry:`` and ``Retry-After`` when a limit is reached.
+
+    aiohttp does not tell a handler that its client went away, so a
+    disconnect is noticed by the watchdog (it checks the transport several
+    times per keep-alive interval) or by the next write.
+
+    Args:
+        broadcaster: the broadcaster to subscribe to; run it with `setup`.
+        authorize: ``authorize(request, session_id)``, sync or async, gets the
+            `aiohttp.web.Request`; False answers 403 before any event is sent.
+        match_info_key: the route's variable holding the session id.
+        flush_window: seconds to wait after an event so that more join its write.
+
+    Raises:
+        ValueError: `flush_window` is negative.
+    """
+    if flush_window < 0:
+        raise ValueError(f"flush_window must be >= 0, got {flush_window!r}")
+    config = broadcaster.config
+    headers = dict(SSE_HEADERS)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        session_id = request.match_info.get(match_info_key, "")
+        last_event_id = parse_last_event_id(
+            request.headers.get("Last-Event-ID"), request.query.get("lastEventId")
+        )
+        try:
+            subscription = broadcaster.subscribe(session_id, last_event_id=last_event_id.value)
+        except (TypeError, ValueError) as exc:
+            return web.Response(status=400, text=f"invalid session id: {exc}")
+        if not await is_authorized(authorize, request, session_id):
+            return web.Response(status=403, text="forbidden")
+        registry = registry_for(broadcaster)
+        try:
+            if registry.closing:
+                return _come_back_later(broadcaster, "the server is shutting down")
+            await subscription.__aenter__()
+        except COME_BACK_LATER as exc:
+            return _come_back_later(broadcaster, str(exc))
+
+        def disconnected() -> bool:
+            transport = request.transport
+            return transport is None or transport.is_closing()
+
+        response = web.StreamResponse(status=200, headers=headers)
+        try:
+            first = prelude(config, subscription, last_event_id)
+            try:
+                await response.prepare(request)
+            except OSError:
+                return response
+            outcome = await run_stream(
+                subscription,
+                response.write,
+                config=config,
+                registry=registry,
+                first=first,
+                disconnected=disconnected,
+                flush_window=flush_window,
+            )
+        finally:
+            await subscription.aclose()
+        if outcome == "timeout" or outcome == "disconnected":
+            # The socket is full or gone: drop the connection rather than wait on it.
+            transport = request.transport
+            if transport is not None:
+                transport.abort()
+            response.force_close()
+            return response
+        with anyio.move_on_after(config.send_timeout, shield=True):
+            with contextlib.suppress(OSError):
+                await response.write_eof()
+        return response
+
+    return handler
+
+
+def stats_handler(broadcaster: EventBroadcaster) -> Handler:
+    """A handler answering `EventBroadcaster.stats` as JSON."""
+
+    async def stats(request: web.Request) -> web.StreamResponse:
+        return web.json_response(broadcaster.stats())
+
+    return stats
+
+
+def metrics_handler(broadcaster: EventBroadcaster) -> Handler:
+    """A handler answering the broadcaster's figures in Prometheus text format."""
+
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        streams = len(registry_for(broadcaster))
+        text = render_metrics(
+            broadcaster.stats(),
+            [("sse_broadcaster_open_streams", "gauge", "Open SSE streams.", streams)],
+        )
+        response = web.Response(text=text)
+        response.headers["Content-Type"] = METRICS_CONTENT_TYPE
+        return response
+
+    return metrics
+
+
+def setup(app: web.Application, broadcaster: EventBroadcaster) -> None:
+    """Run the broadcaster with the app: started on startup, closed on cleanup.
+
+    Adds an ``on_shutdown`` callback that ends every open stream (aiohttp runs
+    it before it waits for handlers to finish, so shutdown does not hang on
+    open streams) and a ``cleanup_ctx`` entry that enters and closes the
+    broadcaster. The broadcaster lives in a task of its own, so it does not
+    matter which tasks run the app's startup and cleanup.
+    """
+
+    async def end_streams(app: web.Application) -> None:
+        registry_for(broadcaster).close_all()
+
+    async def run_broadcaster(app: web.Application) -> AsyncIterator[None]:
+        registry = registry_for(broadcaster)
+        registry.closing = False
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[None] = loop.create_future()
+        stop = asyncio.Event()
+
+        async def own() -> None:
+            try:
+                async with broadcaster:
+                    started.set_result(None)
+                    await stop.wait()
+            except BaseException as exc:
+                if not started.done():
+                    started.set_exception(exc)
+                raise
+
+        task = loop.create_task(own(), name="sse_broadcaster lifetime")
+        try:
+            await started
+        except BaseException:
+            await asyncio.gather(task, return_exceptions=True)
+            raise
+        try:
+            yield
+        finally:
+            registry.close_all()
+            stop.set()
+            await task
+
+    app.on_shutdown.append(end_streams)
+    app.cleanup_ctx.append(run_broadcaster)
+
+
+def _come_back_later(broadcaster: EventBroadcaster, reason: str) -> web.Response:
+    body, retry_after = come_back_later(broadcaster.config, reason)
+    headers = dict(SSE_HEADERS)
+    headers["Retry-After"] = str(retry_after)
+    return web.Response(status=200, body=body, headers=headers)

@@ -1,0 +1,294 @@
+"""Server-Sent Events endpoints for Starlette and FastAPI.
+
+::
+
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from sse_broadcaster import EventBroadcaster
+    from sse_broadcaster.starlette import lifespan, metrics_endpoint, sse_endpoint, stats_endpoint
+
+    broadcaster = EventBroadcaster()
+    app = Starlette(
+        routes=[
+            Route("/events/{session_id}", sse_endpoint(broadcaster)),
+            Route("/stats", stats_endpoint(broadcaster)),
+            Route("/metrics", metrics_endpoint(broadcaster)),
+        ],
+        lifespan=lifespan(broadcaster),
+    )
+
+With FastAPI, add the stream with ``app.add_route("/events/{session_id}",
+sse_endpoint(broadcaster))``. The stream endpoint is a plain ASGI app: it writes
+each drained batch of pre-encoded events with one ASGI ``send``. It runs on
+asyncio and on trio.
+
+Needs the ``starlette`` extra: ``pip install 'sse-broadcaster[starlette]'``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+import anyio
+
+from ._adapter import (
+    COME_BACK_LATER,
+    METRICS_CONTENT_TYPE,
+    SSE_HEADERS,
+    Authorize,
+    come_back_later,
+    install_shutdown_hook,
+    is_authorized,
+    missing_extra,
+    parse_last_event_id,
+    prelude,
+    registry_for,
+    render_metrics,
+    run_stream,
+)
+
+try:
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+except ImportError as exc:  # pragma: no cover - tested by hiding starlette
+    raise missing_extra("starlette", exc) from exc
+
+if TYPE_CHECKING:
+    from ._broadcaster import EventBroadcaster
+
+__all__ = ["SSEEndpoint", "lifespan", "metrics_endpoint", "sse_endpoint", "stats_endpoint"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_SSE_HEADERS_RAW = [(name.lower().encode(), value.encode()) for name, value in SSE_HEADERS]
+
+
+class SSEEndpoint:
+    """The ASGI app that streams a session; made by `sse_endpoint`.
+
+    Starlette's `Route` treats an object that is not a function as an ASGI app,
+    so the endpoint receives ``scope``, ``receive`` and ``send`` directly, with
+    the session id in ``scope["path_params"]``.
+    """
+
+    def __init__(
+        self,
+        broadcaster: EventBroadcaster,
+        *,
+        authorize: Authorize | None = None,
+        path_param: str = "session_id",
+        flush_window: float = 0.0,
+    ) -> None:
+        if flush_window < 0:
+            raise ValueError(f"flush_window must be >= 0, got {flush_window!r}")
+        self.broadcaster = broadcaster
+        self.authorize = authorize
+        self.path_param = path_param
+        self.flush_window = flush_window
+
+    def __repr__(self) -> str:
+        return f"<SSEEndpoint path_param={self.path_param!r} authorize={self.authorize!r}>"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            raise RuntimeError(f"SSEEndpoint serves HTTP only, got a {scope['type']!r} scope")
+        if scope["method"] != "GET":
+            await _plain(send, 405, "only GET opens an event stream", [(b"allow", b"GET")])
+            return
+        broadcaster = self.broadcaster
+        config = broadcaster.config
+        session_id = scope.get("path_params", {}).get(self.path_param, "")
+        header: str | None = None
+        for name, value in scope["headers"]:
+            if name == b"last-event-id":
+                header = value.decode("latin-1")
+                break
+        query: str | None = None
+        if not header and scope.get("query_string"):
+            for key, value in parse_qsl(scope["query_string"].decode("latin-1")):
+                if key == "lastEventId":
+                    query = value
+                    break
+        last_event_id = parse_last_event_id(header, query)
+        try:
+            subscription = broadcaster.subscribe(session_id, last_event_id=last_event_id.value)
+        except (TypeError, ValueError) as exc:
+            await _plain(send, 400, f"invalid session id: {exc}")
+            return
+        if self.authorize is not None and not await is_authorized(
+            self.authorize, Request(scope, receive), session_id
+        ):
+            await _plain(send, 403, "forbidden")
+            return
+        registry = registry_for(broadcaster)
+        install_shutdown_hook(registry)
+        try:
+            if registry.closing:
+                await _come_back_later(send, broadcaster, "the server is shutting down")
+                return
+            await subscription.__aenter__()
+        except COME_BACK_LATER as exc:
+            await _come_back_later(send, broadcaster, str(exc))
+            return
+
+        async def write(data: bytes) -> None:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        async def listen() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        try:
+            first = prelude(config, subscription, last_event_id)
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS_RAW})
+            outcome = await run_stream(
+                subscription,
+                write,
+                config=config,
+                registry=registry,
+                first=first,
+                listen=listen,
+                flush_window=self.flush_window,
+            )
+        finally:
+            await subscription.aclose()
+        if outcome == "timeout":
+            # The client's socket is full: an end-of-body could not be written
+            # either. Returning without it makes the server close the connection
+            # (uvicorn logs "ASGI callable returned without completing response").
+            return
+        with anyio.move_on_after(config.send_timeout, shield=True):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def sse_endpoint(
+    broadcaster: EventBroadcaster,
+    *,
+    authorize: Authorize | None = None,
+    path_param: str = "session_id",
+    flush_window: float = 0.0,
+) -> SSEEndpoint:
+    """An ASGI endpoint streaming the session named by the path parameter.
+
+    Use it as ``Route("/events/{session_id}", sse_endpoint(broadcaster))``. The
+    stream resumes from the ``Last-Event-ID`` header (or the ``lastEventId``
+    query parameter), opens with ``retry:`` and a ``gap`` event when events may
+    have been lost, sends ``: ping`` every ``keepalive_interval`` and drops a
+    client whose socket does not take a write within ``send_timeout``.
+
+    Answers: 400 for an invalid session id; 403 when `authorize` says no; 200
+    with a jittered ``retry:``, a ``Retry-After`` header and an immediate end
+    when a session or subscriber limit is reached or the server is shutting
+    down (a browser's EventSource never reconnects after a non-200 answer).
+
+    Args:
+        broadcaster: the broadcaster to subscribe to; run it with `lifespan`.
+        authorize: ``authorize(request, session_id)``, sync or async, gets a
+            Starlette `Request`; False answers 403 before any event is sent.
+        path_param: name of the path parameter holding the session id.
+        flush_window: seconds to wait after an event so that more join its
+            write (0: write as soon as an event is queued).
+
+    Raises:
+        ValueError: `flush_window` is negative.
+    """
+    return SSEEndpoint(
+        broadcaster, authorize=authorize, path_param=path_param, flush_window=flush_window
+    )
+
+
+def stats_endpoint(broadcaster: EventBroadcaster) -> Callable[[Request], Awaitable[Response]]:
+    """A Starlette endpoint answering `EventBroadcaster.stats` as JSON."""
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse(broadcaster.stats())
+
+    return stats
+
+
+def metrics_endpoint(broadcaster: EventBroadcaster) -> Callable[[Request], Awaitable[Response]]:
+    """A Starlette endpoint answering the broadcaster's figures in Prometheus text format.
+
+    Sessions, subscribers, retained events, events published and delivered,
+    drops, slow-subscriber disconnects, gaps, replays, expired events, memory,
+    and the streams open in this process.
+    """
+
+    async def metrics(request: Request) -> Response:
+        streams = len(registry_for(broadcaster))
+        text = render_metrics(
+            broadcaster.stats(),
+            [("sse_broadcaster_open_streams", "gauge", "Open SSE streams.", streams)],
+        )
+        return Response(text, media_type=METRICS_CONTENT_TYPE)
+
+    return metrics
+
+
+def lifespan(
+    broadcaster: EventBroadcaster,
+) -> Callable[[object], AbstractAsyncContextManager[None]]:
+    """A Starlette / FastAPI ``lifespan`` that runs the broadcaster with the app.
+
+    On startup it enters the broadcaster and chains the server's SIGINT and
+    SIGTERM handlers so that a shutdown ends the open streams at once (uvicorn
+    waits for every response to finish before it runs the lifespan shutdown).
+    On shutdown it ends the remaining streams and closes the broadcaster.
+
+    Raises:
+        RuntimeError: the broadcaster was already entered or closed.
+    """
+
+    @asynccontextmanager
+    async def _lifespan(app: object) -> AsyncIterator[None]:
+        registry = registry_for(broadcaster)
+        registry.closing = False
+        install_shutdown_hook(registry)
+        async with broadcaster:
+            try:
+                yield
+            finally:
+                registry.close_all()
+
+    return _lifespan
+
+
+async def _plain(
+    send: Send, status: int, text: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    body = text.encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", b"%d" % len(body)),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _come_back_later(send: Send, broadcaster: EventBroadcaster, reason: str) -> None:
+    body, retry_after = come_back_later(broadcaster.config, reason)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                *_SSE_HEADERS_RAW,
+                (b"retry-after", b"%d" % retry_after),
+                (b"content-length", b"%d" % len(body)),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

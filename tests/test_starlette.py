@@ -1,0 +1,287 @@
+"""What only the Starlette adapter does: FastAPI, trio, the ASGI surface, signals.
+
+The behaviour it shares with the aiohttp adapter is tested against uvicorn in
+tests/test_adapters.py. Here the endpoint also runs under a small ASGI driver
+of our own, so that it is exercised on trio (no trio ASGI server is installed).
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import anyio
+import anyio.abc
+import httpx
+import pytest
+from httpx_sse import aconnect_sse
+from starlette.routing import Route
+
+from sse_broadcaster import BroadcasterConfig, EventBroadcaster
+from sse_broadcaster._adapter import StreamRegistry, install_shutdown_hook, registry_for
+from sse_broadcaster.starlette import (
+    SSEEndpoint,
+    lifespan,
+    metrics_endpoint,
+    sse_endpoint,
+    stats_endpoint,
+)
+
+from ._servers import run_uvicorn, wait_for
+
+pytestmark = pytest.mark.anyio
+
+
+# -- a minimal ASGI driver: runs on asyncio and trio ----------------------------------------
+
+
+@dataclass
+class Exchange:
+    """One ASGI request in flight: what the app sent, and a way to disconnect."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    disconnect: anyio.Event = field(default_factory=anyio.Event)
+    returned: anyio.Event = field(default_factory=anyio.Event)
+    _arrived: anyio.Event = field(default_factory=anyio.Event)
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.messages[1:])
+
+    @property
+    def start(self) -> dict[str, Any]:
+        return self.messages[0]
+
+    async def wait_for_body(self, predicate: Callable[[bytes], bool]) -> bytes:
+        with anyio.fail_after(5):
+            while not predicate(self.body):
+                self._arrived = anyio.Event()
+                await self._arrived.wait()
+        return self.body
+
+
+@asynccontextmanager
+async def request(
+    app: Any,
+    path_params: dict[str, str],
+    headers: list[tuple[bytes, bytes]] | None = None,
+    *,
+    method: str = "GET",
+    query_string: bytes = b"",
+) -> AsyncIterator[Exchange]:
+    exchange = Exchange()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": "/events/x",
+        "raw_path": b"/events/x",
+        "query_string": query_string,
+        "root_path": "",
+        "headers": headers or [],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+        "path_params": path_params,
+    }
+    sent_request = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent_request
+        if not sent_request:
+            sent_request = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await exchange.disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        exchange.messages.append(message)
+        exchange._arrived.set()
+
+    async def run() -> None:
+        await app(scope, receive, send)
+        exchange.returned.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        yield exchange
+        exchange.disconnect.set()
+        with anyio.fail_after(5):
+            await exchange.returned.wait()
+
+
+@pytest.fixture
+async def broadcaster() -> AsyncIterator[EventBroadcaster]:
+    broadcaster = EventBroadcaster(BroadcasterConfig(keepalive_interval=0.3))
+    async with lifespan(broadcaster)(None):
+        yield broadcaster
+
+
+async def test_stream_over_asgi_replays_streams_and_releases_on_disconnect(
+    broadcaster: EventBroadcaster,
+) -> None:
+    endpoint = sse_endpoint(broadcaster)
+    first = await broadcaster.publish("room", "one")
+    second = await broadcaster.publish("room", "two")
+    headers = [(b"last-event-id", first.id.encode())]
+    async with request(endpoint, {"session_id": "room"}, headers) as exchange:
+        await exchange.wait_for_body(lambda body: body.endswith(second.encode()))
+        assert exchange.start["status"] == 200
+        assert (b"content-type", b"text/event-stream; charset=utf-8") in exchange.start["headers"]
+        assert exchange.body == b"retry: 3000\n\n" + second.encode()
+        third = await broadcaster.publish("room", "three")
+        await exchange.wait_for_body(lambda body: body.endswith(third.encode()))
+        await exchange.wait_for_body(lambda body: body.endswith(b": ping\n\n"))
+        assert broadcaster.stats()["totalSubscribers"] == 1
+    # the driver disconnected: the endpoint returned and let go of the subscription
+    assert broadcaster.stats()["totalSubscribers"] == 0
+    assert len(registry_for(broadcaster)) == 0
+
+
+async def test_stream_over_asgi_ends_with_the_session(broadcaster: EventBroadcaster) -> None:
+    async with request(sse_endpoint(broadcaster), {"session_id": "room"}) as exchange:
+        await exchange.wait_for_body(bool)
+        await broadcaster.close_session("room")
+        with anyio.fail_after(5):
+            await exchange.returned.wait()
+    assert exchange.messages[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+async def test_lifespan_end_closes_streams_and_broadcaster() -> None:
+    broadcaster = EventBroadcaster(BroadcasterConfig())
+    async with lifespan(broadcaster)(None):
+        assert broadcaster.running
+        async with request(sse_endpoint(broadcaster), {"session_id": "room"}) as exchange:
+            await exchange.wait_for_body(bool)
+            registry_for(broadcaster).close_all()  # what the lifespan's exit does first
+            with anyio.fail_after(5):
+                await exchange.returned.wait()
+            assert exchange.messages[-1]["more_body"] is False
+    assert not broadcaster.running
+
+
+@pytest.mark.parametrize(
+    ("method", "path_params", "status"),
+    [
+        pytest.param("POST", {"session_id": "room"}, 405, id="post"),
+        pytest.param("GET", {}, 400, id="no-session-id"),
+    ],
+)
+async def test_asgi_errors(
+    broadcaster: EventBroadcaster, method: str, path_params: dict[str, str], status: int
+) -> None:
+    async with request(sse_endpoint(broadcaster), path_params, method=method) as exchange:
+        with anyio.fail_after(5):
+            await exchange.returned.wait()
+    assert exchange.start["status"] == status
+
+
+async def test_rejects_non_http_scopes(broadcaster: EventBroadcaster) -> None:
+    async def nothing() -> dict[str, Any]:
+        raise AssertionError
+
+    async def ignore(message: MutableMapping[str, Any]) -> None:
+        raise AssertionError
+
+    with pytest.raises(RuntimeError, match="HTTP only"):
+        await sse_endpoint(broadcaster)({"type": "websocket"}, nothing, ignore)
+
+
+def test_endpoint_arguments() -> None:
+    broadcaster = EventBroadcaster()
+    endpoint = sse_endpoint(broadcaster, path_param="room")
+    assert isinstance(endpoint, SSEEndpoint)
+    assert "room" in repr(endpoint)
+    with pytest.raises(ValueError, match="flush_window must be >= 0, got -1"):
+        sse_endpoint(broadcaster, flush_window=-1)
+
+
+async def test_flush_window_coalesces(broadcaster: EventBroadcaster) -> None:
+    endpoint = sse_endpoint(broadcaster, flush_window=0.05)
+    async with request(endpoint, {"session_id": "room"}) as exchange:
+        await exchange.wait_for_body(bool)
+        events = [await broadcaster.publish("room", "a")]
+        await anyio.sleep(0.01)  # the stream wakes, then waits for the window
+        events.append(await broadcaster.publish("room", "b"))
+        await exchange.wait_for_body(lambda body: body.endswith(events[-1].encode()))
+        assert exchange.messages[-1]["body"] == b"".join(e.encode() for e in events)
+
+
+# -- the shutdown hook ------------------------------------------------------------------------
+
+
+async def test_shutdown_hook_chains_the_servers_signal_handler() -> None:
+    calls: list[int] = []
+
+    def server_handler(signum: int, frame: FrameType | None) -> None:
+        calls.append(signum)
+
+    registry = StreamRegistry()
+    stopped = anyio.Event()
+    registry.add(stopped.set)
+    previous = signal.signal(signal.SIGTERM, server_handler)
+    try:
+        assert install_shutdown_hook(registry)
+        assert install_shutdown_hook(registry)  # idempotent: wraps once
+        hook = signal.getsignal(signal.SIGTERM)
+        assert getattr(hook, "original", None) is server_handler
+        signal.raise_signal(signal.SIGTERM)
+        with anyio.fail_after(5):
+            await stopped.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert calls == [signal.SIGTERM]
+    assert registry.closing
+
+
+async def test_shutdown_hook_leaves_default_handlers_alone() -> None:
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        before = signal.getsignal(signal.SIGINT)
+        install_shutdown_hook(StreamRegistry())
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# -- FastAPI on uvicorn ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_fastapi_app(anyio_backend: str) -> None:
+    from fastapi import FastAPI
+
+    broadcaster = EventBroadcaster(BroadcasterConfig(retry_ms=500))
+    app = FastAPI(lifespan=lifespan(broadcaster))
+    app.router.routes.append(Route("/events/{session_id}", sse_endpoint(broadcaster)))
+    app.add_api_route("/stats", stats_endpoint(broadcaster), include_in_schema=False)
+    app.add_api_route("/metrics", metrics_endpoint(broadcaster), include_in_schema=False)
+
+    @app.post("/publish/{room}")
+    async def publish(room: str, text: str) -> dict[str, str]:
+        return {"id": (await broadcaster.publish(room, text)).id}
+
+    async with run_uvicorn(app) as running, httpx.AsyncClient(timeout=5) as client:
+        url = running.base_url
+        first = (await client.post(f"{url}/publish/room", params={"text": "hi"})).json()["id"]
+        async with aconnect_sse(
+            client, "GET", f"{url}/events/room", headers={"Last-Event-ID": first}
+        ) as source:
+            assert source.response.headers["x-accel-buffering"] == "no"
+            stream = source.aiter_sse()
+            assert (await anext(stream)).retry == 500
+            await client.post(f"{url}/publish/room", params={"text": "there"})
+            sse = await anext(stream)
+            assert (sse.event, sse.data) == ("message", "there")
+        stats = (await client.get(f"{url}/stats")).json()
+        assert stats["eventsPublished"] == 2
+        metrics = await client.get(f"{url}/metrics")
+        assert "sse_broadcaster_events_published_total 2" in metrics.text
+        await wait_for(lambda: broadcaster.stats()["totalSubscribers"] == 0)
+    assert not broadcaster.running
