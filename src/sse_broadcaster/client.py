@@ -1,0 +1,497 @@
+"""A resilient Server-Sent Events client on the pooled HTTP client.
+
+::
+
+    from sse_broadcaster.client import EventSource
+
+    async with EventSource("https://feed.example.com/events/room-1") as source:
+        async for event in source:
+            print(event.id, event.event, event.data)
+
+It parses the stream as the WHATWG HTML standard says ("Server-sent events",
+section 9.2.6), reconnects with capped exponential backoff and jitter after
+network errors, a closed stream or a retryable status, honours ``retry:`` and
+resends ``Last-Event-ID``, like a browser's ``EventSource``. Unlike a browser,
+it stops with an `EventSourceError` on a status it cannot recover from.
+
+A task of its own reads the stream while the ``async with`` block runs, so
+that leaving the block (or cancelling the consumer) always closes the
+connection, whichever event loop runs it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import logging
+import math
+import random
+import re
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+
+import anyio
+import anyio.abc
+import httpx
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from typing_extensions import Self
+
+from ._errors import BroadcasterError
+from .http import get_http_client
+
+__all__ = [
+    "EventSource",
+    "EventSourceError",
+    "InvalidContentTypeError",
+    "InvalidStatusError",
+    "OversizedEventError",
+    "SSEParser",
+    "ServerSentEvent",
+]
+
+logger = logging.getLogger("sse_broadcaster.client")
+
+# Statuses worth retrying: the server or something in front of it is briefly
+# unable to answer. Any other non-2xx answer will not fix itself.
+RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSentEvent:
+    """One event received from an SSE stream."""
+
+    id: str = ""
+    """The last event id when the event was dispatched ("" if none yet), as in browsers."""
+    event: str = "message"
+    """The event type; "message" when the stream named none."""
+    data: str = ""
+    """The data lines of the event, joined with LF."""
+    retry: int | None = None
+    """The ``retry:`` value (milliseconds) sent in the same message, if any."""
+
+
+class EventSourceError(BroadcasterError):
+    """The stream cannot be (re)opened: retrying would not help.
+
+    Raised from the `EventSource` iterator; the source is closed afterwards.
+    """
+
+
+class OversizedEventError(EventSourceError):
+    """An event of the stream grew past ``max_event_size``."""
+
+
+class InvalidStatusError(EventSourceError):
+    """The server answered with a status that is neither 2xx nor retryable."""
+
+    def __init__(self, message: str, *, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class InvalidContentTypeError(EventSourceError):
+    """The server answered 2xx, but not with ``Content-Type: text/event-stream``."""
+
+    def __init__(self, message: str, *, content_type: str) -> None:
+        super().__init__(message)
+        self.content_type = content_type
+
+
+class SSEParser:
+    """An incremental parser of ``text/event-stream`` bytes.
+
+    Feed it bytes as they arrive, split anywhere (inside a UTF-8 sequence or
+    between the CR and LF of a CRLF); it returns the events completed so far.
+    """
+
+    def __init__(self, last_event_id: str = "", *, max_event_size: int | None = None) -> None:
+        if max_event_size is not None and (isinstance(max_event_size, bool) or max_event_size < 1):
+            raise ValueError(f"max_event_size must be >= 1 or None, got {max_event_size!r}")
+        self.max_event_size = max_event_size
+        """Characters an event (its data and unfinished line) may reach; None: no limit."""
+        self.last_event_id = last_event_id
+        """The last event id string: what a reconnection sends as Last-Event-ID."""
+        self.retry: int | None = None
+        """The last valid ``retry:`` value seen, in milliseconds."""
+        self._id_buffer = last_event_id
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new stream (a reconnection): drop any half-received event."""
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._bom_checked = False
+        self._pending = ""
+        self._skip_lf = False
+        self._data: list[str] = []
+        self._data_size = 0
+        self._event = ""
+        self._message_retry: int | None = None
+        self._id_buffer = self.last_event_id
+
+    def feed(self, chunk: bytes, *, final: bool = False) -> list[ServerSentEvent]:
+        """Parse ``chunk``; ``final`` marks the end of the stream.
+
+        Raises:
+            OversizedEventError: an event grew past ``max_event_size``.
+        """
+        text = self._decoder.decode(chunk, final)
+        if not self._bom_checked and text:
+            self._bom_checked = True
+            if text[0] == "\ufeff":  # one leading BOM is ignored
+                text = text[1:]
+        if self._skip_lf and text:
+            # The previous text ended with CR: a LF now belongs to that CRLF.
+            self._skip_lf = False
+            if text[0] == "\n":
+                text = text[1:]
+        buffer = self._pending + text if self._pending else text
+        events: list[ServerSentEvent] = []
+        start = 0
+        for match in _LINE_END.finditer(buffer):
+            event = self._line(buffer[start : match.start()])
+            if event is not None:
+                events.append(event)
+            start = match.end()
+        self._pending = buffer[start:]
+        if buffer.endswith("\r"):
+            self._skip_lf = True
+        limit = self.max_event_size
+        if limit is not None and self._data_size + len(self._pending) > limit:
+            raise OversizedEventError(
+                f"an event of the stream exceeded max_event_size ({limit} characters)"
+            )
+        return events
+
+    def _line(self, line: str) -> ServerSentEvent | None:
+        if not line:
+            return self._dispatch()
+        if line[0] == ":":
+            return None  # a comment
+        name, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+            self._data_size += len(value) + 1
+        elif name == "event":
+            self._event = value
+        elif name == "id" and "\0" not in value:
+            self._id_buffer = value
+        elif name == "retry" and value.isascii() and value.isdigit():
+            self.retry = self._message_retry = int(value)
+        # Any other field is ignored.
+        return None
+
+    def _dispatch(self) -> ServerSentEvent | None:
+        self.last_event_id = self._id_buffer
+        data, event, retry = self._data, self._event, self._message_retry
+        self._data, self._event, self._message_retry = [], "", None
+        self._data_size = 0
+        if not data:
+            return None
+        return ServerSentEvent(
+            id=self.last_event_id, event=event or "message", data="\n".join(data), retry=retry
+        )
+
+
+def _backoff(
+    failures: int,
+    *,
+    base: float,
+    cap: float,
+    multiplier: float,
+    jitter: float,
+    random: Callable[[], float],
+) -> float:
+    """Seconds to wait before reconnection attempt after ``failures`` failures in a row.
+
+    The delay doubles (``multiplier``) from ``base`` up to ``cap`` (never below
+    ``base``: a server's ``retry:`` is honoured even above the cap), and up to a
+    ``jitter`` fraction of it is taken off at random so that many clients cut off
+    at once do not come back at once.
+    """
+    delay = min(base * multiplier ** max(failures - 1, 0), max(cap, base))
+    return delay * (1.0 - jitter * random())
+
+
+def _check_seconds(name: str, value: float, *, minimum: float = 0.0) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+
+
+_Item = ServerSentEvent | BaseException
+
+
+async def _finish(chunks: AsyncIterator[bytes]) -> None:
+    """Run a response's chunk iterator to its end, now.
+
+    Left suspended, httpx's and httpcore's chain of async generators would be
+    finalised by the garbage collector (trio warns about each one). Resuming
+    it inside a cancelled scope makes the cancellation propagate through every
+    generator of the chain, which then close their own resources.
+    """
+    with anyio.CancelScope(shield=True), anyio.CancelScope() as scope:
+        scope.cancel()
+        with contextlib.suppress(Exception):
+            async for _ in chunks:
+                pass
+
+
+class EventSource:
+    """Follows an SSE stream, reconnecting as a browser's ``EventSource`` does.
+
+    ``async with EventSource(url) as source: async for event in source: ...``
+    yields `ServerSentEvent` objects. The stream is read on ``client`` (by
+    default the loop's shared pooled client, `sse_broadcaster.http.get_http_client`).
+
+    After a network error, a read timeout, the end of the stream or a retryable
+    status (429, 5xx...), it waits and reconnects, sending ``Last-Event-ID``.
+    The wait starts at ``reconnect_delay`` (or the server's ``retry:``), grows
+    by ``backoff_multiplier`` per failure in a row up to ``max_reconnect_delay``,
+    minus up to a ``jitter`` fraction at random. HTTP 204 ends the iteration:
+    the server asks not to reconnect. ``max_retries`` failures in a row (None:
+    never give up) end it with `EventSourceError`. A ``Retry-After`` header
+    (seconds) on a retryable status lengthens the wait, up to
+    ``max_reconnect_delay``. An event larger than ``max_event_size`` characters
+    ends it with `OversizedEventError` (memory stays bounded whatever the server
+    sends).
+
+    Raises:
+        ValueError: a delay, multiplier, jitter, ``max_retries`` or
+            ``max_event_size`` is out of range.
+    """
+
+    def __init__(
+        self,
+        url: str | httpx.URL,
+        *,
+        client: httpx.AsyncClient | None = None,
+        last_event_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: httpx.Timeout | float | None = None,
+        reconnect_delay: float = 3.0,
+        max_reconnect_delay: float = 30.0,
+        backoff_multiplier: float = 2.0,
+        jitter: float = 0.5,
+        max_retries: int | None = None,
+        max_event_size: int | None = 16 * 1024 * 1024,
+    ) -> None:
+        _check_seconds("reconnect_delay", reconnect_delay)
+        _check_seconds("max_reconnect_delay", max_reconnect_delay)
+        _check_seconds("backoff_multiplier", backoff_multiplier, minimum=1.0)
+        _check_seconds("jitter", jitter)
+        if jitter > 1:
+            raise ValueError(f"jitter must be <= 1, got {jitter!r}")
+        if max_retries is not None and (isinstance(max_retries, bool) or max_retries < 0):
+            raise ValueError(f"max_retries must be >= 0 or None, got {max_retries!r}")
+        if last_event_id is not None and any(c in last_event_id for c in "\r\n\0"):
+            raise ValueError(f"last_event_id must not contain CR, LF or NUL, got {last_event_id!r}")
+        self.url = httpx.URL(url)
+        self._client = client
+        self._headers = dict(headers or {})
+        self._timeout = timeout
+        self._base_delay = float(reconnect_delay)
+        self._max_delay = float(max_reconnect_delay)
+        self._multiplier = float(backoff_multiplier)
+        self._jitter = float(jitter)
+        self._max_retries = max_retries
+        self._random: Callable[[], float] = random.random
+        self._parser = SSEParser(last_event_id or "", max_event_size=max_event_size)
+        self._retry_after: float | None = None
+        self._last_event_id = last_event_id or ""
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._reader_scope: anyio.CancelScope | None = None
+        self._receive: MemoryObjectReceiveStream[_Item] | None = None
+        self._closed = False
+        self.connections = 0
+        """Connections opened so far (the first one and every reconnection)."""
+
+    def __repr__(self) -> str:
+        return f"<EventSource {str(self.url)!r} last_event_id={self._last_event_id!r}>"
+
+    @property
+    def last_event_id(self) -> str:
+        """The id of the last event yielded: pass it as ``last_event_id`` to resume."""
+        return self._last_event_id
+
+    @property
+    def reconnect_delay(self) -> float:
+        """The current reconnection time in seconds (changed by ``retry:``)."""
+        return self._base_delay
+
+    @property
+    def closed(self) -> bool:
+        """True once the source has ended or was closed."""
+        return self._closed
+
+    async def __aenter__(self) -> Self:
+        if self._task_group is not None or self._closed:
+            raise RuntimeError("an EventSource can be entered only once")
+        send, self._receive = anyio.create_memory_object_stream[_Item](0)
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._reader_scope = anyio.CancelScope()
+        self._task_group.start_soon(self._read, send)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        await self.aclose()
+        assert self._task_group is not None
+        return await self._task_group.__aexit__(exc_type, exc_value, traceback)
+
+    async def aclose(self) -> None:
+        """Stop reading and close the connection; iteration then ends."""
+        self._closed = True
+        if self._reader_scope is not None:
+            self._reader_scope.cancel()
+        if self._receive is not None:
+            self._receive.close()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> ServerSentEvent:
+        """The next event.
+
+        Raises:
+            EventSourceError: the server answered with a status or content type
+                that retrying cannot fix, or ``max_retries`` was reached.
+            RuntimeError: the source was not entered with ``async with``.
+        """
+        if self._receive is None:
+            raise RuntimeError("use `async with EventSource(...) as source:` before iterating")
+        try:
+            item = await self._receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            self._closed = True
+            raise StopAsyncIteration from None
+        if isinstance(item, BaseException):
+            self._closed = True
+            raise item
+        self._last_event_id = item.id
+        return item
+
+    # ----------------------------------------------------------------- reader task
+
+    async def _read(self, send: MemoryObjectSendStream[_Item]) -> None:
+        assert self._reader_scope is not None
+        with self._reader_scope, send:
+            try:
+                await self._follow(send)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # the consumer has gone
+            except Exception as exc:  # hand every failure to the consumer
+                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    await send.send(exc)
+
+    async def _follow(self, send: MemoryObjectSendStream[_Item]) -> None:
+        client = self._client or get_http_client()
+        failures = 0
+        while True:
+            if self.connections:
+                delay = _backoff(
+                    failures,
+                    base=self._base_delay,
+                    cap=self._max_delay,
+                    multiplier=self._multiplier,
+                    jitter=self._jitter,
+                    random=self._random,
+                )
+                if self._retry_after is not None:
+                    delay = max(delay, min(self._retry_after, self._max_delay))
+                    self._retry_after = None
+                await anyio.sleep(delay)
+            self.connections += 1
+            outcome: bool | str | None
+            error: httpx.TransportError | None = None
+            try:
+                outcome = await self._stream_once(client, send)
+            except httpx.TransportError as exc:
+                outcome, error = f"{type(exc).__name__}: {exc}", exc
+            if outcome is True:  # events arrived: the next failure starts afresh
+                failures = 0
+                continue
+            if outcome is None:  # HTTP 204: the server asks us to stop
+                return
+            failures += 1
+            if self._max_retries is not None and failures > self._max_retries:
+                raise EventSourceError(
+                    f"gave up on {self.url} after {failures} failed attempts in a row: {outcome}"
+                ) from error
+            logger.info("SSE stream %s: %s; reconnecting", self.url, outcome)
+
+    async def _stream_once(
+        self, client: httpx.AsyncClient, send: MemoryObjectSendStream[_Item]
+    ) -> bool | str | None:
+        """One connection: True if it delivered events, None on 204, else why it failed."""
+        headers = {"Accept": "text/event-stream", "Cache-Control": "no-store", **self._headers}
+        if self._parser.last_event_id:
+            headers["Last-Event-ID"] = self._parser.last_event_id
+        request = client.build_request(
+            "GET",
+            self.url,
+            headers=headers,
+            timeout=self._timeout if self._timeout is not None else client.timeout,
+        )
+        response = await client.send(request, stream=True, follow_redirects=True)
+        try:
+            verdict = self._check_response(response)
+            if verdict is not True:
+                return verdict
+            delivered = False
+            self._parser.reset()
+            chunks = response.aiter_bytes()
+            try:
+                async for chunk in chunks:
+                    for event in self._parser.feed(chunk):
+                        await send.send(event)
+                        delivered = True
+                    self._apply_retry()
+            except httpx.TransportError as exc:
+                return delivered or f"{type(exc).__name__}: {exc}"
+            finally:
+                await _finish(chunks)
+            for event in self._parser.feed(b"", final=True):
+                await send.send(event)
+                delivered = True
+            return delivered or "the server closed the stream"
+        finally:
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+
+    def _apply_retry(self) -> None:
+        if self._parser.retry is not None:
+            self._base_delay = self._parser.retry / 1000
+
+    def _check_response(self, response: httpx.Response) -> bool | str | None:
+        status = response.status_code
+        if status == 204:
+            return None
+        if status in RETRYABLE_STATUSES:
+            retry_after = response.headers.get("retry-after", "").strip()
+            if retry_after.isascii() and retry_after.isdigit():
+                self._retry_after = float(retry_after)
+            return f"HTTP {status}"
+        if not 200 <= status < 300:
+            raise InvalidStatusError(
+                f"GET {response.url} answered HTTP {status}, which is not retried",
+                status_code=status,
+            )
+        content_type = response.headers.get("content-type", "")
+        if content_type.partition(";")[0].strip().lower() != "text/event-stream":
+            raise InvalidContentTypeError(
+                f"GET {response.url} answered Content-Type {content_type!r}, "
+                "not 'text/event-stream'",
+                content_type=content_type,
+            )
+        return True
