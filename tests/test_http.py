@@ -165,10 +165,19 @@ def test_error_table_matches_httpx_own_transport() -> None:
 
 
 def test_httpcore_extension_points_are_still_there() -> None:
-    # The two extension points this module is built on (both public httpcore API).
-    assert "network_backend" in inspect.signature(httpcore.AsyncConnectionPool).parameters
+    # What this module is built on, all public httpcore API: single connections
+    # (pooled here) and network backends.
+    params = inspect.signature(httpcore.AsyncHTTPConnection).parameters
+    for name in ("origin", "ssl_context", "keepalive_expiry", "http1", "http2", "retries"):
+        assert name in params
+    assert {"network_backend", "local_address", "socket_options"} <= set(params)
+    for method in ("handle_async_request", "aclose", "is_available", "has_expired", "is_idle"):
+        assert callable(getattr(httpcore.AsyncHTTPConnection, method))
+    assert issubclass(httpcore.ConnectionNotAvailable, Exception)
     for method in ("connect_tcp", "connect_unix_socket", "sleep"):
         assert method in vars(httpcore.AsyncNetworkBackend)
+    for method in ("read", "write", "aclose", "start_tls", "get_extra_info"):
+        assert method in vars(httpcore.AsyncNetworkStream)
     params = inspect.signature(httpcore.AsyncNetworkBackend.connect_tcp).parameters
     assert list(params) == [
         "self",
@@ -355,6 +364,32 @@ async def test_connection_closed_by_the_server_is_not_reused() -> None:
             assert server.counters.accepted == expected
         assert (await client.get(server.url())).status_code == 200
         assert pools.connection_count() <= 1  # the dead ones were closed and uncounted
+
+
+async def test_most_recently_used_connection_is_reused_and_idle_ones_are_capped() -> None:
+    config = HTTPClientConfig(max_connections_per_host=5, max_keepalive_connections=2)
+    async with serve(delayed(0.1)) as server, create_http_client(config) as client:
+        await _gather(5, client.get, server.url())
+        assert server.counters.accepted == 5
+        await server.wait_open(2)  # three of the five were closed when they went idle
+        for _ in range(3):
+            await client.get(server.url())
+        numbers = [request.connection_number for request in server.requests]
+        assert len(set(numbers[-3:])) == 1  # one connection: the most recently used
+        assert numbers[-1] in numbers[:5]
+        assert server.counters.accepted == 5
+
+
+async def test_large_body_read_slowly_arrives_whole() -> None:
+    # More than the client buffers before it stops reading the socket.
+    body = bytes(range(256)) * 8192  # 2 MiB
+    async with serve(delayed(0, body=body)) as server, create_http_client() as client:
+        async with client.stream("GET", server.url()) as response:
+            await anyio.sleep(0.2)
+            received = b"".join([chunk async for chunk in response.aiter_raw()])
+        assert received == body
+        assert (await client.get(server.url())).content == body
+        assert server.counters.accepted == 1
 
 
 async def test_connection_is_kept_before_keepalive_expiry() -> None:

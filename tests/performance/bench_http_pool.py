@@ -1,38 +1,53 @@
 """Benchmark: the pooled httpx client of sse_broadcaster.http, against per-call
-connections (the reference document's "before") and aiohttp's TCPConnector.
+connections (the reference document's "before"), aiohttp's TCPConnector, and
+the ceilings under ours: plain httpx and raw httpcore.
 
-    .venv/bin/python tests/performance/bench_http_pool.py [--runs 5]
+    .venv/bin/python tests/performance/bench_http_pool.py [--runs 7]
 
 A server in a child process (aiohttp, so it never competes with the client's
 event loop) answers every request after 50 ms, on 127.0.0.1 to 127.0.0.5 (five
-hosts, one port). Scenarios:
+hosts, one port). Workloads: 10 calls to one host, and 100 calls spread over
+the 5 hosts, all issued at once (asyncio.gather). Clients:
 
-- before-10: 10 sequential calls, a new connection each (httpx.Client per call,
+- before: the calls in sequence, a new connection each (httpx.Client per call,
   like the reference's blocking ``requests.get``);
-- after-10: the same 10 calls in parallel on the pooled AsyncClient (warm pool);
-- before-mixed / after-mixed: 100 calls spread over the 5 hosts;
-- aiohttp-*: the parallel scenarios on aiohttp's ClientSession with
-  TCPConnector(limit=100, limit_per_host=20, ttl_dns_cache=300,
-  keepalive_timeout=30), the reference settings.
+- ours: create_http_client() with the default HTTPClientConfig;
+- aiohttp: ClientSession on TCPConnector(limit=100, limit_per_host=20,
+  ttl_dns_cache=300, keepalive_timeout=30), the reference settings;
+- ours, transport only: the same pool, its transport called without
+  httpx.AsyncClient (no request building, cookies, redirects, hooks): what
+  httpx's client layer costs on top of ours;
+- httpx: a plain httpx.AsyncClient, default transport, with
+  Limits(max_connections=100, max_keepalive_connections=100,
+  keepalive_expiry=30) (no per-host limit, no DNS cache);
+- httpcore: a raw httpcore.AsyncConnectionPool with the same limits, without
+  httpx on top.
 
-Ours and aiohttp run alternately, in pairs, and the ratio quoted is the median
-of the per-pair ratios (run-to-run noise on this box is 15-25 %). Times are
-medians of ``--runs`` runs.
+Each parallel client is measured cold (a new client per run: the time includes
+opening the connections) and warm (one client, warmed by one untimed run, then
+reused). Within a workload the clients run in rotation, one run each per round,
+the starting client shifting every round; times are medians of ``--runs``
+rounds, and the ratio against aiohttp is the median of the per-round ratios
+(run-to-run noise on this box is 15-25 %). "client CPU" is the client process's
+CPU time per run: unlike wall time it does not include the 50 ms the server
+waits, and it shows where a client spends more than another.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
+import gc
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 
 import aiohttp
+import httpcore
 import httpx
 
 from sse_broadcaster.http import HTTPClientConfig, create_http_client
@@ -78,7 +93,100 @@ def start_server() -> tuple[subprocess.Popen[str], int]:
     return process, port
 
 
-# --------------------------------------------------------------------------- scenarios
+# --------------------------------------------------------------------------- clients
+
+# A client: an async context manager giving ``run(urls)``, which issues the
+# calls at once and returns when every response has been read and closed.
+Run = Callable[[list[str]], Awaitable[None]]
+
+
+@asynccontextmanager
+async def ours() -> AsyncIterator[Run]:
+    async with create_http_client(HTTPClientConfig()) as client:
+        yield _httpx_run(client)
+
+
+@asynccontextmanager
+async def ours_transport() -> AsyncIterator[Run]:
+    """Our transport without httpx.AsyncClient on top: what the client layer costs."""
+    config = HTTPClientConfig()
+    async with create_http_client(config) as client:
+        transport = client._transport  # the pooled transport create_http_client built
+        extensions = {"timeout": config.timeout.as_dict()}
+
+        async def get(url: str) -> None:
+            request = httpx.Request("GET", url, extensions=extensions)
+            response = await transport.handle_async_request(request)
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+            assert response.status_code == 200
+
+        async def run(urls: list[str]) -> None:
+            await asyncio.gather(*(get(url) for url in urls))
+
+        yield run
+
+
+@asynccontextmanager
+async def plain_httpx() -> AsyncIterator[Run]:
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=100, keepalive_expiry=30)
+    async with httpx.AsyncClient(limits=limits) as client:
+        yield _httpx_run(client)
+
+
+def _httpx_run(client: httpx.AsyncClient) -> Run:
+    async def get(url: str) -> None:
+        (await client.get(url)).raise_for_status()
+
+    async def run(urls: list[str]) -> None:
+        await asyncio.gather(*(get(url) for url in urls))
+
+    return run
+
+
+@asynccontextmanager
+async def raw_httpcore() -> AsyncIterator[Run]:
+    async with httpcore.AsyncConnectionPool(
+        max_connections=100, max_keepalive_connections=100, keepalive_expiry=30
+    ) as pool:
+
+        async def get(url: str) -> None:
+            response = await pool.request("GET", url)
+            assert response.status == 200
+
+        async def run(urls: list[str]) -> None:
+            await asyncio.gather(*(get(url) for url in urls))
+
+        yield run
+
+
+@asynccontextmanager
+async def aiohttp_connector() -> AsyncIterator[Run]:
+    connector = aiohttp.TCPConnector(
+        limit=100, limit_per_host=20, ttl_dns_cache=300, keepalive_timeout=30
+    )
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def get(url: str) -> None:
+            async with session.get(url) as response:
+                response.raise_for_status()
+                await response.read()
+
+        async def run(urls: list[str]) -> None:
+            await asyncio.gather(*(get(url) for url in urls))
+
+        yield run
+
+
+CLIENTS: dict[str, Callable[[], AbstractAsyncContextManager[Run]]] = {
+    "ours": ours,
+    "aiohttp": aiohttp_connector,
+    "ours, transport only": ours_transport,
+    "httpx": plain_httpx,
+    "httpcore": raw_httpcore,
+}
 
 
 def before(urls: list[str]) -> float:
@@ -90,65 +198,49 @@ def before(urls: list[str]) -> float:
     return time.perf_counter() - start
 
 
-async def ours(client: httpx.AsyncClient, urls: list[str]) -> float:
-    async def get(url: str) -> None:
-        (await client.get(url)).raise_for_status()
+# --------------------------------------------------------------------------- measurement
 
-    start = time.perf_counter()
-    await asyncio.gather(*(get(url) for url in urls))
-    return time.perf_counter() - start
+Sample = tuple[float, float]  # (wall seconds, client CPU seconds)
 
 
-async def theirs(session: aiohttp.ClientSession, urls: list[str]) -> float:
-    async def get(url: str) -> None:
-        async with session.get(url) as response:
-            response.raise_for_status()
-            await response.read()
-
-    start = time.perf_counter()
-    await asyncio.gather(*(get(url) for url in urls))
-    return time.perf_counter() - start
+async def timed(run: Run, urls: list[str]) -> Sample:
+    gc.collect()
+    cpu, wall = time.process_time(), time.perf_counter()
+    await run(urls)
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def aiohttp_session() -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(
-        limit=100, limit_per_host=20, ttl_dns_cache=300, keepalive_timeout=30
-    )
-    return aiohttp.ClientSession(connector=connector)
+async def cold_run(name: str, urls: list[str]) -> Sample:
+    async with CLIENTS[name]() as run:
+        return await timed(run, urls)
 
 
-async def paired(
-    workloads: dict[str, list[str]], runs: int
-) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]:
-    """Ours and aiohttp alternately on each workload: times, and per-pair ratios."""
-    times_ours: dict[str, list[float]] = {name: [] for name in workloads}
-    times_theirs: dict[str, list[float]] = {name: [] for name in workloads}
-    cold: dict[str, list[float]] = {name: [] for name in workloads}
-    for name, urls in workloads.items():
-        for _ in range(runs):
-            # Cold: a new pool, so the time includes opening the connections.
-            async with create_http_client(HTTPClientConfig()) as client:
-                cold[name].append(await ours(client, urls))
-        async with create_http_client(HTTPClientConfig()) as client, aiohttp_session() as session:
-            await ours(client, urls)  # warm both pools
-            await theirs(session, urls)
-            pair: list[tuple[Callable[[], Awaitable[float]], list[float]]] = [
-                (functools.partial(ours, client, urls), times_ours[name]),
-                (functools.partial(theirs, session, urls), times_theirs[name]),
-            ]
-            for i in range(runs):
-                for run, sink in pair if i % 2 == 0 else reversed(pair):
-                    sink.append(await run())
-    return times_ours, times_theirs, cold
+async def measure(urls: list[str], runs: int) -> dict[tuple[str, str], list[Sample]]:
+    """Every client cold and warm, in rotation: {(client, "cold"|"warm"): samples}."""
+    names = list(CLIENTS)
+    samples: dict[tuple[str, str], list[Sample]] = {
+        (name, mode): [] for name in names for mode in ("cold", "warm")
+    }
+    for i in range(runs):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            samples[name, "cold"].append(await cold_run(name, urls))
+    async with AsyncExitStack() as stack:
+        warm = {name: await stack.enter_async_context(CLIENTS[name]()) for name in names}
+        for run in warm.values():
+            await run(urls)  # open the connections
+        for i in range(runs):
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                samples[name, "warm"].append(await timed(warm[name], urls))
+    return samples
 
 
 def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f} ms"
+    return f"{seconds * 1000:.1f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5, help="runs per scenario (median)")
+    parser.add_argument("--runs", type=int, default=7, help="rounds per scenario (median)")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -164,35 +256,40 @@ def main() -> None:
         before_times = {
             name: [before(urls) for _ in range(args.runs)] for name, urls in workloads.items()
         }
-        times_ours, times_theirs, cold = asyncio.run(paired(workloads, args.runs))
+        results = {name: asyncio.run(measure(urls, args.runs)) for name, urls in workloads.items()}
     finally:
         process.terminate()
         process.wait(10)
 
     med = statistics.median
     print(
-        f"\nhttpx {httpx.__version__}, aiohttp {aiohttp.__version__}, Python "
-        f"{sys.version.split()[0]}; server latency {LATENCY * 1000:.0f} ms; "
-        f"medians of {args.runs} runs\n"
+        f"\nhttpx {httpx.__version__}, httpcore {httpcore.__version__}, aiohttp "
+        f"{aiohttp.__version__}, Python {sys.version.split()[0]}; server latency "
+        f"{LATENCY * 1000:.0f} ms; medians of {args.runs} rounds\n"
     )
     print(
-        "| workload | before: sequential, new connection each | after: pooled, parallel "
-        "(cold pool) | after: pooled, parallel (warm) | aiohttp TCPConnector (warm) "
-        "| before / after (warm) | aiohttp / ours (pairs) |"
+        "| workload | client | pool | wall ms | client CPU ms | aiohttp / this (per round) "
+        "| before / this |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name in workloads:
-        pair_ratios = [t / o for o, t in zip(times_ours[name], times_theirs[name], strict=True)]
-        print(
-            f"| {name} | {ms(med(before_times[name]))} | {ms(med(cold[name]))} "
-            f"| {ms(med(times_ours[name]))} | {ms(med(times_theirs[name]))} "
-            f"| {med(before_times[name]) / med(times_ours[name]):.1f}x "
-            f"| {med(pair_ratios):.2f}x |"
-        )
+    print("|---|---|---|---:|---:|---:|---:|")
+    for workload, samples in results.items():
+        seq = med(before_times[workload])
+        print(f"| {workload} | before: sequential, new connection each | - | {ms(seq)} | | | |")
+        for mode in ("cold", "warm"):
+            reference = [wall for wall, _ in samples["aiohttp", mode]]
+            for name in CLIENTS:
+                walls = [wall for wall, _ in samples[name, mode]]
+                cpus = [cpu for _, cpu in samples[name, mode]]
+                ratio = med([r / w for r, w in zip(reference, walls, strict=True)])
+                print(
+                    f"| {workload} | {name} | {mode} | {ms(med(walls))} | {ms(med(cpus))} "
+                    f"| {ratio:.2f}x | {seq / med(walls):.1f}x |"
+                )
     print(
-        "\nbefore / after is bounded by about the number of calls (each call waits the "
-        f"{LATENCY * 1000:.0f} ms latency), plus the connection setup that 'before' pays "
-        "per call.\naiohttp / ours is aiohttp's time over ours: above 1.00x, ours is faster."
+        "\naiohttp / this: aiohttp's wall time over this client's, per round; above 1.00x "
+        "this client is faster.\nbefore / this is bounded by about the number of calls "
+        f"(each call waits the {LATENCY * 1000:.0f} ms latency), plus the connection setup "
+        "that 'before' pays per call."
     )
 
 
