@@ -295,21 +295,21 @@ class EventBroadcaster:
         max_items = self._config.max_queue_size
         max_bytes = self._config.max_queue_bytes - size
         for ref in snapshot:
-            sub = ref()
-            if sub is None:
-                continue
             # Subscription._push, inlined for the common case: room in an open queue
-            # (``_items`` is None unless the subscription is open and has had an event).
-            items = sub._items
-            if items is not None and len(items) < max_items and sub._bytes <= max_bytes:
+            # (``items`` is None unless the subscription is open and has had an
+            # event). The subscription itself is only looked up on the slow path.
+            items = ref.items
+            if items is not None and len(items) < max_items and ref.bytes <= max_bytes:
                 items.append(event)
-                sub._bytes += size
-                waker = sub._waker
+                ref.bytes += size
+                waker = ref.waker
                 if waker is not None:
-                    sub._waker = None
+                    ref.waker = None
                     waker.unpark()
             else:
-                sub._push(event, size)
+                sub = ref()
+                if sub is not None:
+                    sub._push(event, size)
         self._delivered += len(snapshot)
 
     def end_session(self, session_id: str, error: BaseException | None = None) -> None:
@@ -372,7 +372,11 @@ class EventBroadcaster:
                 fanout = self._fanouts[session_id] = _Fanout()
             ref = _SubscriberRef(subscription, self._on_abandoned)
             ref.session_id = session_id
-            subscription._ref = ref
+            ref.items = None
+            ref.bytes = 0
+            ref.waker = None
+            ref.attached = True
+            subscription._ref = subscription._inbox = ref
             fanout.refs.add(ref)
             fanout.snapshot = None
             self._subscribers += 1
@@ -389,6 +393,10 @@ class EventBroadcaster:
         ref, subscription._ref = subscription._ref, None
         if ref is None:
             return
+        # The producer's fast path stops here; the consumer has taken what it needs.
+        ref.attached = False
+        ref.items = None
+        ref.bytes = 0
         self._subscribers -= 1
         fanout = self._fanouts.get(ref.session_id)
         if fanout is not None:
@@ -474,8 +482,12 @@ class EventBroadcaster:
 
     def _on_abandoned(self, ref: weakref.ref[Subscription]) -> None:
         # Runs inside the garbage collector, perhaps in the middle of a publish:
-        # only note it; the next sweep removes the entry.
-        self._abandoned.append(ref)  # type: ignore[arg-type]
+        # only note it; the next sweep removes the entry. A subscription that was
+        # detached properly still holds its ref, so this also runs when it is freed.
+        assert isinstance(ref, _SubscriberRef)
+        if ref.attached:
+            ref.items = None  # free the abandoned queue now, not at the next sweep
+            self._abandoned.append(ref)
 
     def _collect_abandoned(self) -> set[str]:
         """Remove subscriptions collected without being closed; their session ids."""

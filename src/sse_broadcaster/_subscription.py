@@ -24,10 +24,23 @@ _NEW, _OPEN, _ENDING, _CLOSED = 0, 1, 2, 3
 
 
 class _SubscriberRef(weakref.ref["Subscription"]):
-    """A weak reference that remembers its session, for the abandonment callback."""
+    """The broadcaster's handle on a subscription: a weak reference to it that also
+    carries the producer's side of its queue.
 
-    __slots__ = ("session_id",)
+    `EventBroadcaster.deliver` appends to ``items`` without dereferencing the
+    subscription (the hot path of fan-out); the subscription itself is held only
+    weakly, so one that is abandoned is collected, queue included.
+    """
+
+    __slots__ = ("attached", "bytes", "items", "session_id", "waker")
     session_id: str
+    items: deque[Event] | None
+    """Live events not yet taken by the consumer (None: not open, or no event yet)."""
+    bytes: int
+    """Encoded bytes in ``items``."""
+    waker: Parker | None
+    """The consumer's parker while it waits for an event."""
+    attached: bool
 
 
 class Subscription:
@@ -55,16 +68,15 @@ class Subscription:
         "__weakref__",
         "_batch",
         "_broadcaster",
-        "_bytes",
         "_error",
-        "_items",
+        "_inbox",
         "_max_bytes",
         "_max_items",
         "_parker",
         "_policy",
         "_ref",
         "_state",
-        "_waker",
+        "_waiting",
         "dropped",
         "gap",
         "last_event_id",
@@ -90,11 +102,12 @@ class Subscription:
         self._max_items = config.max_queue_size
         self._max_bytes = config.max_queue_bytes
         self._policy = config.overflow_policy
-        self._items: deque[Event] | None = None
-        self._bytes = 0
         self._batch: deque[Event] | None = None
         self._parker: Parker | None = None
-        self._waker: Parker | None = None
+        self._waiting = False
+        # The producer's side of the queue, from entry on; `_ref` is the same object
+        # while the subscription is attached to its session, None after.
+        self._inbox: _SubscriberRef | None = None
         self._state = _NEW
         self._error: BaseException | None = None
         self._ref: _SubscriberRef | None = None
@@ -109,7 +122,9 @@ class Subscription:
     @property
     def queued(self) -> int:
         """Events waiting to be received (replayed and live)."""
-        return (len(self._items) if self._items else 0) + (len(self._batch) if self._batch else 0)
+        inbox = self._inbox
+        live = len(inbox.items) if inbox is not None and inbox.items else 0
+        return live + (len(self._batch) if self._batch else 0)
 
     @property
     def closed(self) -> bool:
@@ -118,10 +133,10 @@ class Subscription:
 
     # -- producer side: called by the broadcaster, never awaits ---------------------
     #
-    # Two deques: the broadcaster appends to ``_items``; the consumer takes the
-    # whole of ``_items`` at once (swapping it with its empty ``_batch``) and then
-    # pops from ``_batch`` without touching the producer's accounting. The queue
-    # bounds apply to ``_items``: what the consumer has taken is in its hands, like
+    # Two deques: the broadcaster appends to ``_inbox.items``; the consumer takes
+    # the whole of it at once (swapping it with its empty ``_batch``) and then pops
+    # from ``_batch`` without touching the producer's accounting. The queue bounds
+    # apply to ``_inbox.items``: what the consumer has taken is in its hands, like
     # a read buffer, so a subscriber holds at most two queues' worth.
 
     def _start(self, replay: Iterable[Event], gap: bool) -> None:
@@ -135,12 +150,13 @@ class Subscription:
 
     def _push(self, event: Event, size: int) -> None:
         """Queue a live event; the broadcaster inlines the common case of this."""
-        if self._state > _OPEN:
+        inbox = self._inbox
+        if self._state > _OPEN or inbox is None:
             return
-        items = self._items
+        items = inbox.items
         if items is None:
-            items = self._items = deque()
-        if len(items) >= self._max_items or self._bytes + size > self._max_bytes:
+            items = inbox.items = deque()
+        if len(items) >= self._max_items or inbox.bytes + size > self._max_bytes:
             policy = self._policy
             if policy is OverflowPolicy.DROP_NEWEST:
                 self.dropped += 1
@@ -151,22 +167,22 @@ class Subscription:
                 self._end(
                     SlowSubscriberError(
                         f"subscriber of session {self.session_id!r} fell behind: its queue "
-                        f"reached {len(items)} events / {self._bytes} bytes "
+                        f"reached {len(items)} events / {inbox.bytes} bytes "
                         f"(max_queue_size={self._max_items}, max_queue_bytes={self._max_bytes})"
                     )
                 )
                 return
             drops = 0
-            while items and (len(items) >= self._max_items or self._bytes + size > self._max_bytes):
-                self._bytes -= len(items.popleft()._wire)
+            while items and (len(items) >= self._max_items or inbox.bytes + size > self._max_bytes):
+                inbox.bytes -= len(items.popleft()._wire)
                 drops += 1
             self.dropped += drops
             self._broadcaster._count_drops(drops)
         items.append(event)
-        self._bytes += size
-        waker = self._waker
+        inbox.bytes += size
+        waker = inbox.waker
         if waker is not None:
-            self._waker = None
+            inbox.waker = None
             waker.unpark()
 
     def _end(self, error: BaseException | None) -> None:
@@ -174,21 +190,21 @@ class Subscription:
         if self._state in (_NEW, _OPEN):
             self._state = _ENDING
             self._error = error
-            self._broadcaster._detach(self)
-            items, self._items = self._items, None  # the producer's fast path stops here
-            if items:
+            inbox = self._inbox
+            if inbox is not None and inbox.items:
+                # The consumer drains what was queued; the producer's side closes.
                 if self._batch:
-                    self._batch.extend(items)
+                    self._batch.extend(inbox.items)
                 else:
-                    self._batch = items
-                self._bytes = 0
+                    self._batch = inbox.items
+            self._broadcaster._detach(self)
             self._wake()
 
     def _wake(self) -> None:
-        waker = self._waker
-        if waker is not None:
-            self._waker = None
-            waker.unpark()
+        if self._inbox is not None:
+            self._inbox.waker = None
+        if self._parker is not None:
+            self._parker.unpark()
 
     # -- consumer side -----------------------------------------------------------------
 
@@ -196,13 +212,15 @@ class Subscription:
         batch = self._batch
         if batch:
             return batch.popleft()
-        items = self._items
-        if items:
-            # Take everything queued in O(1): the empty batch becomes the producer's.
-            self._items = batch if batch is not None else deque()
-            self._batch = items
-            self._bytes = 0
-            return items.popleft()
+        inbox = self._inbox
+        if inbox is not None:
+            items = inbox.items
+            if items:
+                # Take everything queued in O(1): the empty batch becomes the producer's.
+                inbox.items = batch if batch is not None else deque()
+                inbox.bytes = 0
+                self._batch = items
+                return items.popleft()
         return None
 
     def _finish(self) -> None:
@@ -273,10 +291,11 @@ class Subscription:
             if self._batch:
                 taken.extend(self._batch)
                 self._batch.clear()
-            if self._items:
-                taken.extend(self._items)
-                self._items.clear()
-                self._bytes = 0
+            inbox = self._inbox
+            if inbox is not None and inbox.items:
+                taken.extend(inbox.items)
+                inbox.items.clear()
+                inbox.bytes = 0
             return taken
         taken = []
         while len(taken) < max_events:
@@ -287,16 +306,20 @@ class Subscription:
         return taken
 
     async def _wait(self) -> None:
-        if self._waker is not None:
+        if self._waiting:
             raise anyio.BusyResourceError("receiving from")
+        inbox = self._inbox
+        assert inbox is not None  # an open subscription has one
         parker = self._parker
         if parker is None:
             parker = self._parker = make_parker()
-        self._waker = parker
+        inbox.waker = parker
+        self._waiting = True
         try:
             await parker.park()
         finally:
-            self._waker = None
+            self._waiting = False
+            inbox.waker = None
 
     def __aiter__(self) -> Self:
         return self
@@ -344,6 +367,8 @@ class Subscription:
                 await self._broadcaster._release_session(self.session_id)
 
     def _release(self) -> None:
-        self._items = None
+        inbox = self._inbox
+        if inbox is not None:
+            inbox.items = None
+            inbox.bytes = 0
         self._batch = None
-        self._bytes = 0
