@@ -120,8 +120,21 @@ async def test_trio_is_refused_at_start(redis_server: str) -> None:  # noqa: F81
         ({"url": "redis://x", "prefix": ""}, "prefix must be"),
         ({"url": "redis://x", "attach_timeout": 0}, "attach_timeout must be a number > 0, got 0"),
         ({"url": "redis://x", "min_backoff": 2, "max_backoff": 1}, "max_backoff must be >="),
+        ({"url": "redis://x", "max_buffered_messages": 0}, "max_buffered_messages must be"),
+        ({"url": "redis://x", "max_buffered_bytes": 1.5}, "max_buffered_bytes must be an int"),
+        ({"url": "redis://x", "max_pending_publishes": True}, "max_pending_publishes must"),
+        ({"url": "redis://x", "max_pending_publish_bytes": -1}, "max_pending_publish_bytes"),
     ],
-    ids=["no-url", "empty-prefix", "attach-timeout", "backoff"],
+    ids=[
+        "no-url",
+        "empty-prefix",
+        "attach-timeout",
+        "backoff",
+        "buffered-messages",
+        "buffered-bytes",
+        "pending-publishes",
+        "pending-publish-bytes",
+    ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -145,6 +158,99 @@ async def test_client_argument(redis_server: str, prefix: str, how: str) -> None
         assert await client.ping()  # the caller's client is left alone
     finally:
         await client.aclose()
+
+
+# -- the RESP2 frames of the Pub/Sub and publishing connections --------------------------------
+
+FRAMES = (
+    b"*3\r\n$9\r\nsubscribe\r\n$4\r\nroom\r\n:1\r\n"
+    b"*3\r\n$7\r\nmessage\r\n$4\r\nroom\r\n$13\r\n1-0\n1.5\n\n\nh\r\n\r\n"
+    b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"
+    b"+PONG\r\n"
+    b"$-1\r\n"
+    b"*0\r\n"
+    b"-NOSCRIPT No matching script. Please use EVAL.\r\n"
+    b"-ERR wrong\r\n"
+)
+
+
+@pytest.mark.parametrize("reader", ["python", "hiredis"])
+@pytest.mark.parametrize("chunk", [1, 3, 7, len(FRAMES)])
+def test_frame_reader_parses_split_input(
+    monkeypatch: pytest.MonkeyPatch, reader: str, chunk: int
+) -> None:
+    from redis.exceptions import NoScriptError, ResponseError
+
+    from sse_broadcaster import redis as module
+
+    if reader == "python":
+        monkeypatch.setattr(module, "_hiredis", None)
+    elif module._hiredis is None:  # the test extra installs it
+        pytest.fail("hiredis is not installed: pip install -e '.[test]'")
+    frames = module._frame_reader()
+    got: list[Any] = []
+    for i in range(0, len(FRAMES), chunk):
+        frames.feed(FRAMES[i : i + chunk])
+        while (reply := frames.gets()) is not False:
+            got.append(reply)
+    *plain, noscript, error = got
+    assert plain == [
+        [b"subscribe", b"room", 1],
+        [b"message", b"room", b"1-0\n1.5\n\n\nh\r\n"],
+        [b"pong", b""],
+        b"PONG",
+        None,
+        [],
+    ]
+    assert isinstance(noscript, NoScriptError)
+    assert type(error) is ResponseError
+    assert str(error) == "wrong"  # as redis-py reports it
+
+
+def test_pack_matches_redis_py() -> None:
+    from redis.asyncio.connection import Connection
+
+    from sse_broadcaster.redis import _pack
+
+    commands = [("EVALSHA", "ab", 1, "k", "héllo\r\n", "", 500), ("PING",)]
+    assert _pack(commands) == b"".join(Connection().pack_commands(commands))
+
+
+async def test_redis_py_reply_path_when_the_stream_is_not_reachable(
+    redis_server: str,  # noqa: F811
+    prefix: str,
+    raw: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection class without an asyncio stream: redis-py's reader is used instead."""
+    from sse_broadcaster import redis as module
+
+    monkeypatch.setattr(module, "_stream_of", lambda conn: None)
+    async with (
+        broadcaster_on(redis_server, prefix) as a,
+        broadcaster_on(redis_server, prefix) as b,
+        b.subscribe("room") as sub,
+    ):
+        sent = [await a.publish("room", "1")]
+        await raw.client_kill_filter(_type="pubsub")
+        sent.append(await a.publish("room", "2"))
+        assert await receive(sub, 2) == sent
+        await raw.script_flush()
+        sent.append(await a.publish("room", "3"))  # NOSCRIPT: loaded and sent again
+        assert await receive(sub, 1) == sent[-1:]
+
+
+async def test_script_cache_flush_is_handled(
+    redis_server: str,  # noqa: F811
+    prefix: str,
+    raw: aioredis.Redis,
+) -> None:
+    async with broadcaster_on(redis_server, prefix) as a, a.subscribe("room") as sub:
+        first = await a.publish("room", "1")
+        await raw.script_flush()
+        second = await a.publish("room", "2")
+        assert await receive(sub, 2) == [first, second]
+        assert [e.data for e in await a.history("room")] == ["1", "2"]
 
 
 # -- publish, subscribe, replay -----------------------------------------------------------
@@ -497,6 +603,272 @@ async def test_churn_during_pubsub_kills_has_no_duplicate_or_hole(
     backend = node.stats()["backend"]
     assert backend["reconnects"] >= 3
     assert backend["gapsSignalled"] == 0
+
+
+# -- bounded buffers and recovery at scale ------------------------------------------------------
+
+
+def slow_reads(backend: RedisBackend, delay: float, times: int) -> list[int]:
+    """Delay the next `times` stream reads (attach and recovery) by `delay` s.
+
+    Widens the window in which Pub/Sub messages are buffered; everything else,
+    the reads included, runs on the real Redis. Returns a one-item list counting
+    the delayed reads.
+    """
+    done = [0]
+    read, script = backend._read, backend._read_script
+
+    async def pause() -> None:
+        if done[0] < times:
+            done[0] += 1
+            await anyio.sleep(delay)
+
+    async def slow_read(*args: Any) -> Any:
+        await pause()
+        return await read(*args)
+
+    async def slow_script(*args: Any, **kwargs: Any) -> Any:
+        await pause()
+        return await script(*args, **kwargs)
+
+    backend._read = slow_read  # type: ignore[method-assign]
+    backend._read_script = slow_script
+    return done
+
+
+async def recovered(b: EventBroadcaster) -> dict[str, Any]:
+    """The backend's stats once its recovery after the last reconnection is over."""
+    with anyio.fail_after(10):
+        while b.stats()["backend"]["lastRecoverySeconds"] is None:
+            await anyio.sleep(0.005)
+    stats: dict[str, Any] = b.stats()["backend"]
+    return stats
+
+
+async def publish_during(a: EventBroadcaster, session: str, n: int, out: list[Event]) -> None:
+    for i in range(n):
+        out.append(await a.publish(session, f"during {i}"))
+        await anyio.sleep(0.002)
+
+
+@pytest.mark.parametrize("bound", ["messages", "bytes"])
+async def test_buffer_overflow_in_recovery_rereads_the_stream(
+    redis_server: str,  # noqa: F811
+    prefix: str,
+    raw: aioredis.Redis,
+    bound: str,
+) -> None:
+    """Past the buffer's bound during a recovery, the stream is read again: no loss."""
+    limits = {"max_buffered_messages": 5} if bound == "messages" else {"max_buffered_bytes": 1500}
+    async with (
+        broadcaster_on(redis_server, prefix) as a,
+        broadcaster_on(redis_server, prefix, **limits) as b,
+        b.subscribe("room") as sub,
+    ):
+        sent = [await a.publish("room", "before")]
+        assert await receive(sub, 1) == sent
+        delayed = slow_reads(b.backend, 0.3, times=1)  # type: ignore[arg-type]
+        await raw.client_kill_filter(_type="pubsub")
+        with anyio.fail_after(5):
+            while b.stats()["backend"]["reconnects"] < 1 or not delayed[0]:
+                await anyio.sleep(0.005)
+        # The recovery's read is in flight: these arrive on Pub/Sub meanwhile.
+        await publish_during(a, "room", 40, sent)
+        sent.append(await a.publish("room", "after"))
+        assert await receive(sub, len(sent) - 1) == sent[1:]
+        stats = await recovered(b)
+        assert stats["bufferOverflows"] >= 1
+        assert stats["gapsSignalled"] == 0
+        assert stats["pendingMessages"] == 0
+        assert stats["pendingBytes"] == 0
+        assert stats["lastRecoverySeconds"] is not None
+        figures(
+            f"buffer-overflow-{bound}",
+            published=len(sent),
+            delivered=len(sent),
+            overflows=stats["bufferOverflows"],
+            recovered=stats["recoveredEvents"],
+            gaps=stats["gapsSignalled"],
+        )
+
+
+async def test_buffer_overflow_in_attach_rereads_the_stream(
+    redis_server: str,  # noqa: F811
+    prefix: str,
+) -> None:
+    async with (
+        broadcaster_on(redis_server, prefix) as a,
+        broadcaster_on(redis_server, prefix, max_buffered_messages=3) as b,
+    ):
+        first = await a.publish("room", "first")
+        slow_reads(b.backend, 0.3, times=1)  # type: ignore[arg-type]
+        sent: list[Event] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(publish_during, a, "room", 30, sent)
+            async with b.subscribe("room", last_event_id=first.id) as sub:
+                # The replay and the re-read hand over with no duplicate and no hole.
+                got = await receive(sub, 30, within=10)
+        assert got == sent
+        assert b.stats()["backend"]["bufferOverflows"] >= 1
+
+
+async def test_buffer_overflow_beyond_history_ends_with_gap(
+    redis_server: str,  # noqa: F811
+    prefix: str,
+    raw: aioredis.Redis,
+) -> None:
+    """When the re-read finds history trimmed past the cursor, subscribers get GapError."""
+    config = BroadcasterConfig(max_history_per_session=5)
+    async with (
+        broadcaster_on(redis_server, prefix, config) as a,
+        broadcaster_on(redis_server, prefix, config, max_buffered_messages=3) as b,
+    ):
+        async with b.subscribe("room") as sub:
+            before = await a.publish("room", "before")
+            assert await receive(sub, 1) == [before]
+            delayed = slow_reads(b.backend, 0.3, times=1)  # type: ignore[arg-type]
+            await raw.client_kill_filter(_type="pubsub")
+            with anyio.fail_after(5):
+                while not delayed[0]:
+                    await anyio.sleep(0.005)
+            await publish_during(a, "room", 20, [])
+            with anyio.fail_after(10), pytest.raises(GapError, match="may have been lost"):
+                async for _ in sub:
+                    pass
+        async with b.subscribe("room", last_event_id=before.id) as sub:
+            assert sub.gap
+            assert len(sub.drain_nowait()) == 5
+        assert b.stats()["backend"]["gapsSignalled"] == 1
+
+
+async def test_close_during_an_overflowed_recovery_ends_the_session(
+    redis_server: str,  # noqa: F811
+    prefix: str,
+    raw: aioredis.Redis,
+) -> None:
+    async with (
+        broadcaster_on(redis_server, prefix) as a,
+        broadcaster_on(redis_server, prefix, max_buffered_messages=3) as b,
+        b.subscribe("room") as sub,
+    ):
+        before = await a.publish("room", "before")
+        assert await receive(sub, 1) == [before]
+        delayed = slow_reads(b.backend, 0.3, times=1)  # type: ignore[arg-type]
+        await raw.client_kill_filter(_type="pubsub")
+        with anyio.fail_after(5):
+            while not delayed[0]:
+                await anyio.sleep(0.005)
+        await publish_during(a, "room", 10, [])
+        assert await a.close_session("room")
+        with anyio.fail_after(10):
+            rest = [event async for event in sub]  # ends without an error
+        assert len(rest) <= 10
+        assert b.stats()["backend"]["bufferOverflows"] >= 1
+        assert b.stats()["backend"]["followedSessions"] == 0
+
+
+async def test_pending_publishes_are_bounded(redis_server: str, prefix: str) -> None:  # noqa: F811
+    async with broadcaster_on(redis_server, prefix, max_pending_publishes=3) as a:
+        outcomes: list[str] = []
+
+        async def one(i: int) -> None:
+            try:
+                await a.publish("room", str(i))
+            except BackendUnavailableError as exc:
+                outcomes.append("refused" if "max_pending_publishes=3" in str(exc) else repr(exc))
+            else:
+                outcomes.append("stored")
+
+        async with anyio.create_task_group() as tg:
+            for i in range(10):
+                tg.start_soon(one, i)
+        assert sorted(outcomes) == ["refused"] * 7 + ["stored"] * 3
+        assert len(await a.history("room")) == 3  # the refused ones were not stored
+        backend = a.stats()["backend"]
+        assert backend["publishesRefused"] == 7
+        assert backend["pendingPublishes"] == 0
+        # One publish is always admitted when none waits, whatever its size.
+        async with broadcaster_on(redis_server, prefix, max_pending_publish_bytes=10) as b:
+            assert (await b.publish("room", "x" * 100)).data == "x" * 100
+
+
+async def test_sweep_stops_following_sessions_without_subscribers(
+    redis_server: str,  # noqa: F811
+    prefix: str,
+) -> None:
+    async with broadcaster_on(redis_server, prefix) as a:
+        async with a.subscribe("room"):
+            pass
+        # As if the detach had been missed: follow a session nobody here subscribes to.
+        a.backend._follow(a, "orphan")  # type: ignore[attr-defined]
+        assert a.backend.counts()[0] == 1
+        await a.cleanup()
+        assert a.backend.counts()[0] == 0
+
+
+async def test_recovery_of_300_sessions_after_client_kill(
+    redis_server: str,  # noqa: F811
+    prefix: str,
+    raw: aioredis.Redis,
+) -> None:
+    """CLIENT KILL with 300 followed sessions: every event arrives; recovery is pipelined."""
+    n = 300
+    sessions = [f"room-{i}" for i in range(n)]
+    async with (
+        broadcaster_on(redis_server, prefix) as a,
+        broadcaster_on(redis_server, prefix) as b,
+    ):
+        sent: dict[str, list[Event]] = {s: [] for s in sessions}
+        got: dict[str, list[Event]] = {s: [] for s in sessions}
+        complete = anyio.Event()
+        remaining = [n]
+
+        async def follow(session: str, entered: anyio.Event) -> None:
+            async with b.subscribe(session) as sub:
+                entered.set()
+                async for event in sub:
+                    got[session].append(event)
+                    if event.data == "end":
+                        remaining[0] -= 1
+                        if not remaining[0]:
+                            complete.set()
+                        return
+
+        async with anyio.create_task_group() as tg:
+            for session in sessions:
+                entered = anyio.Event()
+                tg.start_soon(follow, session, entered)
+                await entered.wait()
+            for session in sessions:
+                sent[session].append(await a.publish(session, "before"))
+            killed = anyio.current_time()
+            assert await raw.client_kill_filter(_type="pubsub") >= 1
+            # Published while b resubscribes: most reach b only through its recovery.
+            for i in range(3):
+                for session in sessions:
+                    sent[session].append(await a.publish(session, str(i)))
+            for session in sessions:
+                sent[session].append(await a.publish(session, "end"))
+            with anyio.fail_after(30):
+                await complete.wait()
+            elapsed = anyio.current_time() - killed
+        for session in sessions:
+            assert got[session] == sent[session], session
+        stats = await recovered(b)
+        assert stats["reconnects"] >= 1
+        assert stats["gapsSignalled"] == 0
+        assert stats["lastRecoverySeconds"] is not None
+        assert stats["lastRecoverySeconds"] < 5
+        figures(
+            "recovery-300-sessions",
+            sessions=n,
+            published=sum(len(v) for v in sent.values()),
+            delivered=sum(len(v) for v in got.values()),
+            recovered=stats["recoveredEvents"],
+            recovery_s=f"{stats['lastRecoverySeconds']:.3f}",
+            kill_to_last_delivery_s=f"{elapsed:.3f}",
+            gaps=stats["gapsSignalled"],
+        )
 
 
 # -- several OS processes -----------------------------------------------------------------------

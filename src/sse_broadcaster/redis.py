@@ -21,22 +21,24 @@ asyncio only (redis-py's client is asyncio-only).
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import math
 import random
 import re
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 
 try:
     import redis.asyncio as aioredis
+    from redis._parsers.base import BaseParser
     from redis.asyncio.connection import AbstractConnection, ConnectionPool
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
-    from redis.exceptions import NoScriptError, RedisError, ResponseError
+    from redis.exceptions import InvalidResponse, NoScriptError, RedisError, ResponseError
 except ImportError as exc:  # pragma: no cover - exercised without the extra only
     raise ImportError(
         "sse_broadcaster.redis needs redis-py: pip install 'sse-broadcaster[redis]'"
@@ -54,6 +56,13 @@ from .backends._base import BackendHub, Replay, SweepResult
 
 __all__ = ["RedisBackend"]
 
+# hiredis (optional) parses the Pub/Sub stream in C; without it, _RESP2Frames does.
+_hiredis: Any
+try:
+    _hiredis = importlib.import_module("hiredis")
+except ImportError:
+    _hiredis = None
+
 logger = logging.getLogger("sse_broadcaster")
 
 # A stream id is "<ms>-<seq>", two unsigned 64-bit integers.
@@ -66,6 +75,10 @@ _CLOSE = b"!close"
 # Rough per-object costs of this process's share (the events live in Redis).
 _SESSION_OVERHEAD = 700
 _PENDING_OVERHEAD = 200
+# Sessions whose streams one pipelined round trip of a recovery reads.
+_RECOVERY_BATCH = 200
+# Reads in a row of one session whose buffer overflowed meanwhile before giving up.
+_MAX_ROUNDS = 8
 
 _Key = tuple[int, int]
 _NO_KEY: _Key = (-1, -1)
@@ -163,6 +176,111 @@ async def _has_data(conn: AbstractConnection) -> bool:
     return bool(await check())
 
 
+class _FrameReader(Protocol):
+    def feed(self, data: bytes, /) -> None: ...
+
+    def gets(self) -> Any: ...
+
+
+class _RESP2Frames:
+    """RESP2 replies parsed from fed bytes; `gets` returns False until one is complete.
+
+    What a Pub/Sub connection receives: arrays of bulk strings and integers,
+    simple strings, errors (returned as `ResponseError`, as hiredis does).
+    """
+
+    __slots__ = ("_buf", "_pos")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._pos = 0
+
+    def feed(self, data: bytes) -> None:
+        if self._pos:
+            self._buf = self._buf[self._pos :] + data
+            self._pos = 0
+        else:
+            self._buf += data
+
+    def gets(self) -> Any:
+        parsed = self._parse(self._buf, self._pos)
+        if parsed is None:
+            return False
+        value, self._pos = parsed
+        return value
+
+    def _parse(self, buf: bytes, pos: int) -> tuple[Any, int] | None:
+        end = buf.find(b"\r\n", pos)
+        if end < 0:
+            return None
+        kind = buf[pos]
+        if kind == 36:  # $: bulk string
+            size = int(buf[pos + 1 : end])
+            if size < 0:
+                return None, end + 2
+            stop = end + 2 + size
+            if len(buf) < stop + 2:
+                return None
+            return buf[end + 2 : stop], stop + 2
+        if kind == 42:  # *: array
+            count = int(buf[pos + 1 : end])
+            pos = end + 2
+            items: list[Any] = []
+            for _ in range(count):
+                parsed = self._parse(buf, pos)
+                if parsed is None:
+                    return None
+                item, pos = parsed
+                items.append(item)
+            return items, pos
+        if kind == 58:  # :
+            return int(buf[pos + 1 : end]), end + 2
+        if kind == 43:  # +
+            return buf[pos + 1 : end], end + 2
+        if kind == 45:  # -
+            return _reply_error(buf[pos + 1 : end].decode("utf-8", "replace")), end + 2
+        raise InvalidResponse(f"unexpected reply from Redis: {buf[pos:end][:80]!r}")
+
+
+def _stream_of(conn: AbstractConnection) -> asyncio.StreamReader | None:
+    """The connection's socket stream (redis-py 5 to 8), None for other connection classes."""
+    stream = getattr(conn, "_reader", None)
+    return stream if isinstance(stream, asyncio.StreamReader) else None
+
+
+def _reply_error(message: str) -> ResponseError:
+    """redis-py's exception for an error reply (NoScriptError for NOSCRIPT, ...)."""
+    error: ResponseError = BaseParser.parse_error(message)  # type: ignore[no-untyped-call]
+    return error
+
+
+def _frame_reader() -> _FrameReader:
+    """hiredis's C reader when installed, else the pure-Python one.
+
+    Error replies come back as redis-py's exception for them (NoScriptError, ...).
+    """
+    if _hiredis is not None:
+        reader: _FrameReader = _hiredis.Reader(
+            protocolError=InvalidResponse, replyError=_reply_error
+        )
+        return reader
+    return _RESP2Frames()
+
+
+def _pack(commands: Sequence[tuple[Any, ...]]) -> bytes:
+    """Commands (str, bytes and int arguments) as one RESP2 byte string."""
+    parts: list[bytes] = []
+    for command in commands:
+        parts.append(b"*%d\r\n" % len(command))
+        for arg in command:
+            if isinstance(arg, str):
+                arg = arg.encode()
+            elif not isinstance(arg, bytes):
+                arg = str(arg).encode()
+            parts.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
+    return b"".join(parts)
+
+
 def _parse_id(event_id: str) -> _Key | None:
     match = _STREAM_ID.fullmatch(event_id)
     if match is None:
@@ -185,12 +303,17 @@ class _Live:
     attach has read the stream's last id; "" when the stream did not exist). Live
     messages at or below it are dropped, so attaches and recoveries, which read the
     stream up to it, hand over with no duplicate and no hole. While ``hold`` or
-    ``recovering`` is set the reader buffers messages in ``pending`` instead.
+    ``recovering`` is set the reader buffers messages in ``pending`` instead, raw
+    (decoded when flushed), bounded by count and bytes. Past a bound the buffer is
+    dropped and ``overflowed`` set: incoming messages are dropped too until the
+    next read of the stream from the cursor, which covers them (see
+    `RedisBackend._buffer`).
     """
 
     __slots__ = (
         "attaching",
         "channel",
+        "close_seen",
         "confirmed",
         "cursor",
         "cursor_key",
@@ -198,8 +321,11 @@ class _Live:
         "hold",
         "key",
         "lock",
+        "overflowed",
         "pending",
+        "pending_bytes",
         "recovering",
+        "rounds",
         "session_id",
     )
 
@@ -213,7 +339,12 @@ class _Live:
         self.recovering = False
         self.hold = 0
         self.attaching = 0
-        self.pending: list[tuple[_Key, Event | None]] = []
+        # (key, payload) per buffered message; payload None stands for a close.
+        self.pending: list[tuple[_Key, bytes | None]] = []
+        self.pending_bytes = 0
+        self.overflowed = False  # the buffer was dropped: a read from the cursor is due
+        self.close_seen = False  # a close arrived while overflowed
+        self.rounds = 0  # reads in a row that overflowed
         self.lock = anyio.Lock()
         self.dead = False
 
@@ -251,21 +382,32 @@ class _Pipeline:
     failed publish.
     """
 
-    def __init__(self, connect: Callable[[], AbstractConnection], idle_check: float) -> None:
+    def __init__(
+        self, connect: Callable[[], AbstractConnection], idle_check: float, timeout: float
+    ) -> None:
         self._connect = connect
         self._idle_check = idle_check
+        self._timeout = timeout
         self._last_used = 0.0
         self._conn: AbstractConnection | None = None
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._wakeup: asyncio.Future[None] | None = None
+        self.pending = 0  # calls queued or on the wire
+        self.pending_bytes = 0  # their `size` arguments
 
-    async def call(self, *command: Any) -> Any:
+    async def call(self, *command: Any, size: int = 0) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((command, future))
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
-        return await future
+        self.pending += 1
+        self.pending_bytes += size
+        try:
+            return await future
+        finally:
+            self.pending -= 1
+            self.pending_bytes -= size
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -314,17 +456,37 @@ class _Pipeline:
                 self._conn = conn
             self._last_used = time.monotonic()
             await conn.send_packed_command(
-                conn.pack_commands([command for command, _ in batch]), check_health=False
+                _pack([command for command, _ in batch]), check_health=False
             )
-            for _, future in batch:
-                try:
-                    reply = await conn.read_response(disconnect_on_error=False)
-                except ResponseError as exc:
-                    if not future.done():
-                        future.set_exception(exc)
-                else:
-                    if not future.done():
-                        future.set_result(reply)
+            stream = _stream_of(conn)
+            if stream is not None:
+                # The replies of the batch, parsed from as few reads as they came in.
+                frames = _frame_reader()
+                with anyio.fail_after(self._timeout):
+                    for _, future in batch:
+                        while (reply := frames.gets()) is False:
+                            data = await stream.read(65536)
+                            if not data:
+                                raise ConnectionError("Connection closed by server.")
+                            frames.feed(data)
+                        if future.done():
+                            continue
+                        if isinstance(reply, ResponseError):
+                            future.set_exception(reply)
+                        else:
+                            future.set_result(reply)
+                if frames.gets() is not False:
+                    raise InvalidResponse("more replies than commands from Redis")
+            else:
+                for _, future in batch:
+                    try:
+                        reply = await conn.read_response(disconnect_on_error=False)
+                    except ResponseError as exc:
+                        if not future.done():
+                            future.set_exception(exc)
+                    else:
+                        if not future.done():
+                            future.set_result(reply)
         except Exception as exc:  # a Redis or socket error, or a bug: fail the batch, go on
             for _, future in batch:
                 if not future.done():
@@ -374,6 +536,17 @@ class RedisBackend:
             connection.
         min_backoff: first delay between reconnection attempts (doubling, jittered).
         max_backoff: longest delay between reconnection attempts.
+        max_buffered_messages: Pub/Sub messages buffered per session while its
+            stream is read (attach, recovery). Past it the session's buffer is
+            dropped and its stream read again from the last delivered id: lossless
+            while history holds the events, `GapError` for its subscriptions
+            otherwise.
+        max_buffered_bytes: the same, in bytes of those messages across all
+            sessions (200 bytes counted per message on top of its payload).
+        max_pending_publishes: publishes of this process waiting for Redis (queued
+            or on the wire); more raise `BackendUnavailableError` at once.
+        max_pending_publish_bytes: the data bytes of those publishes; a publish that
+            would exceed it while others wait raises the same.
     """
 
     def __init__(
@@ -388,6 +561,10 @@ class RedisBackend:
         health_check_interval: float = 15.0,
         min_backoff: float = 0.05,
         max_backoff: float = 5.0,
+        max_buffered_messages: int = 1000,
+        max_buffered_bytes: int = 64 * 1024 * 1024,
+        max_pending_publishes: int = 10_000,
+        max_pending_publish_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         if (url is None) == (client is None):
             raise ValueError("pass exactly one of url and client")
@@ -405,6 +582,14 @@ class RedisBackend:
         ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")
+        for name, value in (
+            ("max_buffered_messages", max_buffered_messages),
+            ("max_buffered_bytes", max_buffered_bytes),
+            ("max_pending_publishes", max_pending_publishes),
+            ("max_pending_publish_bytes", max_pending_publish_bytes),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if max_backoff < min_backoff:
             raise ValueError(
                 f"max_backoff must be >= min_backoff={min_backoff!r}, got {max_backoff!r}"
@@ -420,6 +605,10 @@ class RedisBackend:
         self._health_interval = float(health_check_interval)
         self._min_backoff = float(min_backoff)
         self._max_backoff = float(max_backoff)
+        self._max_buffered_messages = max_buffered_messages
+        self._max_buffered_bytes = max_buffered_bytes
+        self._max_pending_publishes = max_pending_publishes
+        self._max_pending_publish_bytes = max_pending_publish_bytes
 
         self._hub: BackendHub | None = None
         self._pool: ConnectionPool | None = None
@@ -437,7 +626,8 @@ class RedisBackend:
         self._link: _Connection | None = None
         self._generation = 0
         self._changed: anyio.Event | None = None
-        self._pending_total = 0
+        self._pending_total = 0  # messages buffered across sessions
+        self._pending_bytes = 0  # their bytes, with _PENDING_OVERHEAD each
 
         # figures for stats()
         self._connected = False
@@ -449,6 +639,10 @@ class RedisBackend:
         self._publish_failures = 0
         self._received = 0
         self._duplicates = 0
+        self._overflows = 0
+        self._publishes_refused = 0
+        self._recovery_started: float | None = None
+        self._last_recovery: float | None = None
         self._last_error: str | None = None
         self._retained_estimate = 0
         self._redis_memory: int | None = None
@@ -514,7 +708,9 @@ class RedisBackend:
         self._task = loop.create_task(self._run(), name="sse_broadcaster redis reader")
         pool = self._pool
         self._pipeline = _Pipeline(
-            lambda: pool.connection_class(**pool.connection_kwargs), self._health_interval
+            lambda: pool.connection_class(**pool.connection_kwargs),
+            self._health_interval,
+            self._socket_timeout,
         )
         self._pipeline_task = loop.create_task(
             self._pipeline.run(), name="sse_broadcaster redis publisher"
@@ -616,6 +812,8 @@ class RedisBackend:
         link = _Connection(conn, self._generation)
         if self._ever_connected:
             self._reconnects += 1
+            if self._sessions:
+                self._recovery_started = time.monotonic()
             logger.info("reconnected to Redis; resubscribing %d sessions", len(self._sessions))
         self._ever_connected = True
         self._link = link
@@ -668,41 +866,59 @@ class RedisBackend:
 
     async def _read_loop(self, link: _Connection, fail: Callable[[BaseException], None]) -> None:
         conn = link.conn
-        channels = self._channels
+        # Pub/Sub traffic is parsed here in batches, from the connection's stream:
+        # one read of up to 64 KB, then every complete message in it, with no await
+        # per message or per line as redis-py's reply path has. Its own reader is
+        # the fallback where the stream is not reachable (another connection class).
+        stream = _stream_of(conn)
         hub = self._require_hub()
         try:
-            while True:
-                response = await conn.read_response(timeout=math.inf, disconnect_on_error=False)
-                link.last_rx = time.monotonic()
-                kind = response[0]
-                if kind == b"message":
-                    self._received += 1
-                    live = channels.get(response[1])
-                    if live is not None:
-                        try:
-                            self._on_message(hub, live, response[2])
-                        except (ValueError, IndexError) as exc:
-                            logger.warning(
-                                "dropped a malformed message on %r: %s", response[1], exc
-                            )
-                elif kind == b"subscribe":
-                    self._on_subscribed(link, response[1])
+            if stream is not None:
+                frames = _frame_reader()
+                while True:
+                    data = await stream.read(65536)
+                    if not data:
+                        raise ConnectionError("Connection closed by server.")
+                    link.last_rx = time.monotonic()
+                    frames.feed(data)
+                    while (response := frames.gets()) is not False:
+                        self._on_response(hub, link, response)
+            else:
+                while True:
+                    response = await conn.read_response(timeout=math.inf, disconnect_on_error=False)
+                    link.last_rx = time.monotonic()
+                    self._on_response(hub, link, response)
         except (RedisError, OSError) as exc:
             fail(exc)
+
+    def _on_response(self, hub: BackendHub, link: _Connection, response: Any) -> None:
+        if isinstance(response, ResponseError):
+            raise response
+        if not isinstance(response, list) or not response:
+            return  # +PONG outside subscribed mode
+        kind = response[0]
+        if kind == b"message":
+            self._received += 1
+            live = self._channels.get(response[1])
+            if live is not None:
+                try:
+                    self._on_message(hub, live, response[2])
+                except (ValueError, IndexError) as exc:
+                    logger.warning("dropped a malformed message on %r: %s", response[1], exc)
+        elif kind == b"subscribe":
+            self._on_subscribed(link, response[1])
 
     def _on_message(self, hub: BackendHub, live: _Live, payload: bytes) -> None:
         if payload == _CLOSE:
             if live.hold or live.recovering:
-                live.pending.append((_NO_KEY, None))
-                self._pending_total += 1
+                self._buffer(live, _NO_KEY, None)
             else:
                 self._closed_remotely(hub, live)
             return
         head = payload[: payload.index(b"-")]
         key = (int(head), int(payload[len(head) + 1 : payload.index(b"\n")]))
         if live.hold or live.recovering:
-            live.pending.append((key, self._decode(live.session_id, payload)))
-            self._pending_total += 1
+            self._buffer(live, key, payload)
         elif live.cursor is None:
             return  # nobody attached yet, or leaving
         elif key > live.cursor_key:
@@ -738,22 +954,79 @@ class RedisBackend:
             link.recover.append(live)
         self._notify()
 
+    def _buffer(self, live: _Live, key: _Key, payload: bytes | None) -> None:
+        """Keep a message that arrived while the session's stream is being read.
+
+        Bounded per session by ``max_buffered_messages`` and across sessions by
+        ``max_buffered_bytes``. Past a bound the session's
+        buffer is dropped and ``overflowed`` set: messages are dropped until the
+        next read of the stream from the cursor, which is sent after they arrived
+        and so covers them. A close is remembered as a flag meanwhile.
+        """
+        if live.overflowed:
+            if payload is None:
+                live.close_seen = True
+            return
+        size = _PENDING_OVERHEAD + (0 if payload is None else len(payload))
+        if (
+            len(live.pending) >= self._max_buffered_messages
+            or self._pending_bytes + size > self._max_buffered_bytes
+        ):
+            if payload is None:
+                live.close_seen = True
+            self._overflow(live)
+            return
+        live.pending.append((key, payload))
+        live.pending_bytes += size
+        self._pending_total += 1
+        self._pending_bytes += size
+
+    def _overflow(self, live: _Live) -> None:
+        self._overflows += 1
+        if not live.overflowed:
+            logger.info(
+                "session %r: more than the buffer holds arrived while its stream was read "
+                "(%d messages); reading it again from %r",
+                live.session_id,
+                len(live.pending),
+                live.cursor,
+            )
+        live.overflowed = True
+        self._clear_pending(live)
+
+    def _clear_pending(self, live: _Live) -> None:
+        self._pending_total -= len(live.pending)
+        self._pending_bytes -= live.pending_bytes
+        live.pending = []
+        live.pending_bytes = 0
+
+    def _reread(self, live: _Live) -> None:
+        """The buffer overflowed during a read: read the stream again from the cursor."""
+        live.recovering = True
+        link = self._link
+        if link is not None and live.confirmed == link.generation:
+            link.recover.append(live)
+            self._notify()
+        # else: the connection is gone; the resubscription queues the recovery.
+
     def _flush(self, hub: BackendHub, live: _Live) -> None:
         """Deliver what the reader buffered while the session was held, dropping ids seen."""
-        if live.hold or live.recovering or not live.pending:
+        if live.hold or live.recovering or live.overflowed or not live.pending:
             return
-        pending, live.pending = live.pending, []
-        self._pending_total -= len(pending)
-        for key, event in pending:
-            if event is None:
+        pending = live.pending
+        self._clear_pending(live)
+        session_id = live.session_id
+        for key, payload in pending:
+            if payload is None:
                 self._closed_remotely(hub, live)
                 return
             if live.cursor is None:
                 continue
             if key > live.cursor_key:
+                event = self._decode(session_id, payload)
                 live.cursor_key = key
                 live.cursor = event.id
-                hub.deliver(live.session_id, event)
+                hub.deliver(session_id, event)
             else:
                 self._duplicates += 1
 
@@ -766,8 +1039,7 @@ class RedisBackend:
         if live.dead:
             return
         live.dead = True
-        self._pending_total -= len(live.pending)
-        live.pending = []
+        self._clear_pending(live)
         if self._sessions.get(live.session_id) is live:
             del self._sessions[live.session_id]
             del self._channels[live.channel]
@@ -777,25 +1049,92 @@ class RedisBackend:
         self._notify()
 
     async def _recover_loop(self, link: _Connection, fail: Callable[[BaseException], None]) -> None:
+        """Catch up the sessions queued in ``link.recover``, many per round trip.
+
+        Sessions whose lock is free are read in pipelined batches of
+        `_RECOVERY_BATCH`; one an attach holds is done alone once the attach is over.
+        """
         hub = self._require_hub()
         try:
             while True:
                 if not link.recover:
                     await self._wait_changed()
                     continue
-                live = link.recover.pop(0)
-                async with live.lock:
-                    if live.dead or not live.recovering or live.confirmed != link.generation:
+                queued, link.recover = link.recover, []
+                batch: list[_Live] = []
+                busy: list[_Live] = []
+                seen: set[int] = set()
+                for live in queued:
+                    if id(live) in seen or not self._due(live, link):
                         continue
-                    await self._recover(hub, live)
+                    seen.add(id(live))
+                    (busy if live.lock.locked() else batch).append(live)
+                for i in range(0, len(batch), _RECOVERY_BATCH):
+                    await self._recover_batch(hub, link, batch[i : i + _RECOVERY_BATCH])
+                for live in busy:
+                    async with live.lock:
+                        if self._due(live, link):
+                            await self._recover_batch(hub, link, [live], locked=True)
+                self._recovery_done(link)
         except (RedisError, OSError) as exc:
             fail(exc)
 
-    async def _recover(self, hub: BackendHub, live: _Live) -> None:
+    def _due(self, live: _Live, link: _Connection) -> bool:
+        return not live.dead and live.recovering and live.confirmed == link.generation
+
+    def _recovery_done(self, link: _Connection) -> None:
+        if self._recovery_started is None or link.recover:
+            return
+        if any(live.recovering for live in self._sessions.values()):
+            return
+        self._last_recovery = time.monotonic() - self._recovery_started
+        self._recovery_started = None
+        logger.info("recovered every followed session in %.3f s", self._last_recovery)
+
+    async def _recover_batch(
+        self, hub: BackendHub, link: _Connection, lives: list[_Live], locked: bool = False
+    ) -> None:
+        """Read the sessions' streams from their cursors in one pipeline and deliver."""
+        held: list[_Live] = []
+        try:
+            if not locked:
+                for live in lives:
+                    try:
+                        live.lock.acquire_nowait()
+                    except anyio.WouldBlock:  # an attach took it since: queue it again
+                        link.recover.append(live)
+                    else:
+                        held.append(live)
+                lives = [live for live in held if self._due(live, link)]
+            if not lives:
+                return
+            assert self._client is not None
+            # From here on, messages are buffered again: this read covers the earlier ones.
+            for live in lives:
+                live.overflowed = False
+            async with self._client.pipeline(transaction=False) as pipe:
+                for live in lives:
+                    assert live.cursor is not None
+                    await self._read_script(
+                        keys=[live.key], args=[live.cursor, "", 0, 0, 1], client=pipe
+                    )
+                results = await pipe.execute()
+            for live, (_, gap, entries) in zip(lives, results, strict=True):
+                if self._due(live, link):
+                    self._recovered_from(hub, link, live, bool(gap), entries)
+        finally:
+            for live in held:
+                live.lock.release()
+
+    def _recovered_from(
+        self, hub: BackendHub, link: _Connection, live: _Live, gap: bool, entries: Sequence[Any]
+    ) -> None:
         """Deliver what the session's stream holds after the cursor; end it on a gap."""
         cursor = live.cursor
         assert cursor is not None
-        _, gap, entries = await self._read(live.key, cursor, "", 0, 0, True)
+        if live.close_seen:  # closed while its buffer was dropped
+            self._closed_remotely(hub, live)
+            return
         delivered = 0
         # On a gap nothing is delivered: the subscriber resumes from its last id and
         # is told of the gap at entry, with what is retained replayed after it.
@@ -807,20 +1146,35 @@ class RedisBackend:
                 hub.deliver(live.session_id, event)
                 delivered += 1
         self._recovered += delivered
+        if not gap and live.overflowed:
+            # More arrived during the read than the buffer holds: read again. A
+            # session that cannot be caught up in a few rounds ends its
+            # subscriptions as on a gap; they resume from history.
+            live.rounds += 1
+            if live.rounds < _MAX_ROUNDS:
+                link.recover.append(live)
+                return
+        live.rounds = 0
         live.recovering = False
-        if gap:
+        if gap or live.overflowed:
             self._live_gaps += 1
+            reason = "is gone from Redis" if gap else "could not be caught up"
             logger.warning(
-                "session %r: history after %r is gone from Redis; ending its %s",
+                "session %r: history after %r %s; ending its subscriptions with GapError",
                 live.session_id,
                 cursor,
-                "subscriptions with GapError",
+                reason,
+            )
+            why = (
+                "Redis no longer holds them"
+                if gap
+                else "they arrived faster than this process could catch up"
             )
             hub.end_session(
                 live.session_id,
                 GapError(
                     f"events of session {live.session_id!r} after {cursor!r} may have been "
-                    "lost: Redis no longer holds them; resubscribe with the last event id"
+                    f"lost: {why}; resubscribe with the last event id"
                 ),
             )
             self._drop(live)
@@ -884,7 +1238,20 @@ class RedisBackend:
                 f"event of {probe.size} bytes encoded exceeds "
                 f"max_event_bytes={config.max_event_bytes}"
             )
-        assert self._pipeline is not None
+        pipeline = self._pipeline
+        assert pipeline is not None
+        size = len(data)
+        if pipeline.pending and (
+            pipeline.pending >= self._max_pending_publishes
+            or pipeline.pending_bytes + size > self._max_pending_publish_bytes
+        ):
+            self._publishes_refused += 1
+            raise BackendUnavailableError(
+                f"could not publish to session {session_id!r}: {pipeline.pending} publishes "
+                f"({pipeline.pending_bytes} bytes) already wait for Redis "
+                f"(max_pending_publishes={self._max_pending_publishes}, "
+                f"max_pending_publish_bytes={self._max_pending_publish_bytes})"
+            )
         command = (
             "EVALSHA",
             self._publish_script.sha,
@@ -901,13 +1268,13 @@ class RedisBackend:
         )
         try:
             try:
-                event_id = await self._pipeline.call(*command)
+                event_id = await pipeline.call(*command, size=size)
             except NoScriptError:
                 # Redis restarted or its script cache was flushed: the script did not
                 # run, so loading it and sending the call again cannot duplicate it.
                 assert self._client is not None
                 await self._client.script_load(_PUBLISH)
-                event_id = await self._pipeline.call(*command)
+                event_id = await pipeline.call(*command, size=size)
         except (RedisError, OSError) as exc:
             self._publish_failures += 1
             raise BackendUnavailableError(
@@ -1002,6 +1369,8 @@ class RedisBackend:
             # "" is a cursor before any entry (the stream did not exist); None reads
             # up to the stream's end and makes its last id the cursor.
             upto = "" if cursor is None else (cursor or "0-0")
+            if cursor is None:  # a fresh start: nothing before this read is due
+                live.overflowed = live.close_seen = False
             live.hold += 1
             try:
                 try:
@@ -1044,6 +1413,11 @@ class RedisBackend:
                     register()
             finally:
                 live.hold -= 1
+                if live.overflowed and not live.hold:
+                    if live.cursor is None:  # nobody registered: nothing to catch up on
+                        live.overflowed = live.close_seen = False
+                    elif not live.recovering:
+                        self._reread(live)
             self._flush(hub, live)
         if wait:
             await anyio.sleep(self._min_backoff if failed else 0.001)
@@ -1116,6 +1490,11 @@ class RedisBackend:
         hub = self._require_hub()
         if self._client is None:
             return SweepResult()
+        # Sessions followed with no local subscriber left (their subscriptions ended
+        # without a detach reaching here) stop being followed.
+        for live in list(self._sessions.values()):
+            if not live.attaching and not hub.has_subscribers(live.session_id):
+                self._drop(live)
         keys = [live.key for live in self._sessions.values() if live.cursor is not None]
         ttl_ms = max(1, math.ceil(hub.config.session_ttl * 1000))
         try:
@@ -1142,9 +1521,7 @@ class RedisBackend:
         sessions this process follows, as of the last sweep, and the bytes are
         this process's own bookkeeping (Redis memory is ``stats()['usedMemory']``).
         """
-        estimate = len(self._sessions) * _SESSION_OVERHEAD + self._pending_total * (
-            _PENDING_OVERHEAD
-        )
+        estimate = len(self._sessions) * _SESSION_OVERHEAD + self._pending_bytes
         return len(self._sessions), self._retained_estimate, estimate
 
     def stats(self) -> dict[str, object]:
@@ -1160,6 +1537,11 @@ class RedisBackend:
             "messagesReceived": self._received,
             "duplicatesDropped": self._duplicates,
             "pendingMessages": self._pending_total,
+            "pendingBytes": self._pending_bytes,
+            "bufferOverflows": self._overflows,
+            "pendingPublishes": 0 if self._pipeline is None else self._pipeline.pending,
+            "publishesRefused": self._publishes_refused,
+            "lastRecoverySeconds": self._last_recovery,
             "usedMemory": self._redis_memory,
             "lastError": self._last_error,
         }

@@ -356,10 +356,20 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     return {"raw": raw, "summary": summary}
 
 
+def _parsers() -> str:
+    """redis-py's version and whether hiredis (C reply parsing, used by both) is installed."""
+    import importlib.metadata
+    import importlib.util
+
+    hiredis = "hiredis" if importlib.util.find_spec("hiredis") else "no hiredis"
+    return f"redis-py {importlib.metadata.version('redis')}, {hiredis}"
+
+
 def table(result: dict[str, Any], runs: int, concurrency: int) -> str:
     lines = [
         f"Redis fan-out, medians of {runs} runs, {concurrency} publishing tasks; "
-        f"Python {platform.python_version()}, {os.cpu_count()} CPUs, redis-server on 127.0.0.1",
+        f"Python {platform.python_version()}, {os.cpu_count()} CPUs, {_parsers()}, "
+        f"redis-server on 127.0.0.1; load average at the end {os.getloadavg()[0]:.2f}",
         "",
         "| S | impl | delivered events/s | publishes/s | p50 ms | p99 ms |",
         "|---:|---|---:|---:|---:|---:|",
