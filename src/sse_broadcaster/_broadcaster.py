@@ -440,8 +440,13 @@ class EventBroadcaster:
         _check_session_id(session_id)
         self._check_running()
         had_subscribers = session_id in self._fanouts
-        self.end_session(session_id)
-        existed = await self._backend.close_session(session_id)
+        try:
+            # A shared backend ends this process's subscriptions itself once the
+            # events published before the close have reached them; whatever is
+            # left (and everything, with the in-memory backend) ends here.
+            existed = await self._backend.close_session(session_id)
+        finally:
+            self.end_session(session_id)
         return existed or had_subscribers
 
     # -- sweeps ------------------------------------------------------------------------------

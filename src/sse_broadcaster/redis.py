@@ -314,6 +314,7 @@ class _Live:
         "attaching",
         "channel",
         "close_seen",
+        "closed",
         "confirmed",
         "cursor",
         "cursor_key",
@@ -344,6 +345,8 @@ class _Live:
         self.pending_bytes = 0
         self.overflowed = False  # the buffer was dropped: a read from the cursor is due
         self.close_seen = False  # a close arrived while overflowed
+        # Set when this process stops following the session; close_session waits on it.
+        self.closed: anyio.Event | None = None
         self.rounds = 0  # reads in a row that overflowed
         self.lock = anyio.Lock()
         self.dead = False
@@ -1039,6 +1042,8 @@ class RedisBackend:
         if live.dead:
             return
         live.dead = True
+        if live.closed is not None:
+            live.closed.set()
         self._clear_pending(live)
         if self._sessions.get(live.session_id) is live:
             del self._sessions[live.session_id]
@@ -1475,7 +1480,13 @@ class RedisBackend:
                 f"could not close session {session_id!r}: Redis is unavailable ({exc})"
             ) from exc
         live = self._sessions.get(session_id)
-        if live is not None and not live.attaching:
+        if live is not None and not live.attaching and not live.dead:
+            # The close message travels on the session's channel behind every event
+            # published before it: wait for it (bounded), so this process's
+            # subscribers get those events before their stream ends, as elsewhere.
+            live.closed = anyio.Event()
+            with anyio.move_on_after(self._socket_timeout):
+                await live.closed.wait()
             self._drop(live)
         return bool(existed)
 

@@ -98,7 +98,13 @@ class Backend(Protocol):
         """Retained events of the session after `after` (all when None or unknown)."""
 
     async def close_session(self, session_id: str) -> bool:
-        """Drop the session's history; True when it existed."""
+        """Drop the session's history; True when it existed.
+
+        A backend whose live events arrive asynchronously should end this
+        process's subscriptions (`BackendHub.end_session`) only after the events
+        published before the close were delivered; the broadcaster ends any
+        that remain when this returns.
+        """
 
     async def sweep(self) -> SweepResult:
         """Drop expired events and idle sessions; cost grows with what is removed."""
