@@ -212,6 +212,22 @@ async def test_flush_window_coalesces(broadcaster: EventBroadcaster) -> None:
         assert exchange.messages[-1]["body"] == b"".join(e.encode() for e in events)
 
 
+async def test_flush_window_writes_at_once_after_a_quiet_spell(
+    broadcaster: EventBroadcaster,
+) -> None:
+    endpoint = sse_endpoint(broadcaster, flush_window=0.05)
+    async with request(endpoint, {"session_id": "room"}) as exchange:
+        await exchange.wait_for_body(bool)
+        await anyio.sleep(0.3)  # more than five windows since the opening write
+        first = await broadcaster.publish("room", "a")
+        await exchange.wait_for_body(lambda body: body.endswith(first.encode()))
+        assert exchange.messages[-1]["body"] == first.encode()  # alone, not held back
+        second = await broadcaster.publish("room", "b")  # right after a write: a burst
+        third = await broadcaster.publish("room", "c")
+        await exchange.wait_for_body(lambda body: body.endswith(third.encode()))
+        assert exchange.messages[-1]["body"] == second.encode() + third.encode()
+
+
 # -- the shutdown hook ------------------------------------------------------------------------
 
 

@@ -94,6 +94,8 @@ COME_BACK_LATER: tuple[type[BroadcasterError], ...] = (
 )
 
 _PING = encode_comment("ping")
+# Writes closer together than this many flush windows count as a burst.
+_BURST_WINDOWS = 5
 
 #: ``authorize(request, session_id)``: True lets the stream open; may be async.
 Authorize = Callable[[Any, str], "bool | Awaitable[bool]"]
@@ -392,8 +394,9 @@ async def run_stream(
 
     `disconnected` is polled by the watchdog; `listen` returns when the
     client has gone (an ASGI ``http.disconnect``).
-    `flush_window` (seconds, 0 to disable) waits that long after the first
-    event of a batch so that more can join it.
+    `flush_window` (seconds, 0 to disable): when the previous write was less
+    than five windows ago (a burst), wait one window so that more events join
+    the next write. An event that comes after a quiet spell is written at once.
 
     Returns:
         Why it ended: the subscription "ended" (session or broadcaster closed,
@@ -460,6 +463,11 @@ async def run_stream(
                 task_group.start_soon(listener)
             if first:
                 await writer.write(first)
+            # A write less than `burst_gap` after the previous one means a burst:
+            # wait `flush_window` so that more events join it. After a quiet
+            # spell the first event goes out at once, so paced streams (slower
+            # than one event per `burst_gap`) pay no added latency.
+            burst_gap = _BURST_WINDOWS * flush_window
             while True:
                 try:
                     batch = await subscription.receive_batch()
@@ -473,7 +481,7 @@ async def run_stream(
                 except BroadcasterError as exc:  # GapError and the like end the stream
                     logger.info("stream of session %r ended: %s", subscription.session_id, exc)
                     break
-                if flush_window > 0:
+                if flush_window > 0 and time.monotonic() - writer.last_write < burst_gap:
                     await anyio.sleep(flush_window)
                     batch += subscription.drain_nowait()
                 await writer.write(_join(batch))

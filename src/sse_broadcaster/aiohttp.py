@@ -60,7 +60,7 @@ def sse_handler(
     *,
     authorize: Authorize | None = None,
     match_info_key: str = "session_id",
-    flush_window: float = 0.0,
+    flush_window: float = 0.001,
 ) -> Handler:
     """A handler streaming the session named by the route's ``{session_id}``.
 
@@ -80,7 +80,10 @@ def sse_handler(
         authorize: ``authorize(request, session_id)``, sync or async, gets the
             `aiohttp.web.Request`; False answers 403 before any event is sent.
         match_info_key: the route's variable holding the session id.
-        flush_window: seconds to wait after an event so that more join its write.
+        flush_window: during a burst (a write less than five windows after
+            the previous one), wait this many seconds so that more events join
+            the write; an event after a quiet spell is written at once. 0 writes
+            every batch at once.
 
     Raises:
         ValueError: `flush_window` is negative.

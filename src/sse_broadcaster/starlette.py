@@ -84,7 +84,7 @@ class SSEEndpoint:
         *,
         authorize: Authorize | None = None,
         path_param: str = "session_id",
-        flush_window: float = 0.0,
+        flush_window: float = 0.001,
     ) -> None:
         if flush_window < 0:
             raise ValueError(f"flush_window must be >= 0, got {flush_window!r}")
@@ -173,7 +173,7 @@ def sse_endpoint(
     *,
     authorize: Authorize | None = None,
     path_param: str = "session_id",
-    flush_window: float = 0.0,
+    flush_window: float = 0.001,
 ) -> SSEEndpoint:
     """An ASGI endpoint streaming the session named by the path parameter.
 
@@ -193,8 +193,10 @@ def sse_endpoint(
         authorize: ``authorize(request, session_id)``, sync or async, gets a
             Starlette `Request`; False answers 403 before any event is sent.
         path_param: name of the path parameter holding the session id.
-        flush_window: seconds to wait after an event so that more join its
-            write (0: write as soon as an event is queued).
+        flush_window: during a burst (a write less than five windows after
+            the previous one), wait this many seconds so that more events join
+            the write; an event after a quiet spell is written at once. 0 writes
+            every batch at once.
 
     Raises:
         ValueError: `flush_window` is negative.
