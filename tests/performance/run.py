@@ -418,7 +418,8 @@ flush window lets more join it. In the second it yields every 100 publishes,
 so every stack finds up to 100 events queued per wake-up; stacks that write
 one event per send (the peers) cannot use that. **Paced**: 100
 events/s for 3 s; p50/p99 of receive time minus the publish time carried in
-the event. `ours-1ms` / `ours-5ms` set `flush_window`; `bare` is a bare ASGI
+the event. `ours` runs with `flush_window=0`, `ours-1ms` with the adapters' default
+(1 ms, coalescing only during bursts) and `ours-5ms` with 5 ms; `bare` is a bare ASGI
 app on the same uvicorn writing pre-encoded bytes (no broadcaster, no
 framework): the ceiling. `std/` rows run `uvicorn[standard]` (httptools +
 uvloop); the others plain uvicorn (h11, asyncio loop). The CPU figures in
