@@ -176,7 +176,26 @@ def _is_ip_address(host: str) -> bool:
     return True
 
 
-class DNSCacheBackend(httpcore.AsyncNetworkBackend):
+class _WrappingBackend(httpcore.AsyncNetworkBackend):
+    """A network backend that adds to another's TCP connects; the rest it passes on."""
+
+    _backend: httpcore.AsyncNetworkBackend
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        return await self._backend.connect_unix_socket(
+            path, timeout=timeout, socket_options=socket_options
+        )
+
+    async def sleep(self, seconds: float) -> None:
+        await self._backend.sleep(seconds)
+
+
+class DNSCacheBackend(_WrappingBackend):
     """An httpcore network backend that caches name resolution.
 
     Each new connection to ``host:port`` takes its addresses from the cache
@@ -304,19 +323,6 @@ class DNSCacheBackend(httpcore.AsyncNetworkBackend):
                 raise error
         except TimeoutError:
             raise httpcore.ConnectTimeout(f"timed out connecting to {host}:{port}") from None
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        return await self._backend.connect_unix_socket(
-            path, timeout=timeout, socket_options=socket_options
-        )
-
-    async def sleep(self, seconds: float) -> None:
-        await self._backend.sleep(seconds)
 
 
 # --------------------------------------------------------------------------- asyncio streams
@@ -598,7 +604,7 @@ def _httpx_error(exc: Exception) -> Exception:
     return mapped
 
 
-class _ConnectionCap(httpcore.AsyncNetworkBackend):
+class _ConnectionCap(_WrappingBackend):
     """Caps the TCP connections open at once, across every pool that shares it.
 
     When all are open and another is needed, ``make_room`` is asked to close an
@@ -647,19 +653,6 @@ class _ConnectionCap(httpcore.AsyncNetworkBackend):
             self._release()
             raise
         return _CountedStream(stream, self._release)
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        return await self._backend.connect_unix_socket(
-            path, timeout=timeout, socket_options=socket_options
-        )
-
-    async def sleep(self, seconds: float) -> None:
-        await self._backend.sleep(seconds)
 
 
 def _is_readable(sock: socket.socket | None) -> bool:
