@@ -507,11 +507,11 @@ class _AsyncioStream(httpcore.AsyncNetworkStream):
         return None
 
 
-class _NativeBackend(httpcore.AsyncNetworkBackend):
+class _NativeBackend(_WrappingBackend):
     """`_AsyncioStream` on asyncio, httpcore's AnyIO backend elsewhere (trio)."""
 
     def __init__(self) -> None:
-        self._anyio = httpcore.AnyIOBackend()
+        self._backend = httpcore.AnyIOBackend()
 
     async def connect_tcp(
         self,
@@ -526,7 +526,7 @@ class _NativeBackend(httpcore.AsyncNetworkBackend):
         except RuntimeError:  # trio: no asyncio loop runs in this thread
             loop = None
         if loop is None:
-            return await self._anyio.connect_tcp(
+            return await self._backend.connect_tcp(
                 host,
                 port,
                 timeout=timeout,
@@ -554,19 +554,6 @@ class _NativeBackend(httpcore.AsyncNetworkBackend):
             transport.abort()
             raise
         return _AsyncioStream(transport, protocol)
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        return await self._anyio.connect_unix_socket(
-            path, timeout=timeout, socket_options=socket_options
-        )
-
-    async def sleep(self, seconds: float) -> None:
-        await anyio.sleep(seconds)
 
 
 # --------------------------------------------------------------------------- transports

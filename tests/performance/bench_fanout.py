@@ -37,6 +37,21 @@ IMPLS = ["ours", "encode", "queue"]
 PAYLOAD = "x" * 100
 
 
+async def _timed(
+    publish: Any, events: int, batch: int, done: asyncio.Event, tasks: list[Any]
+) -> float:
+    """The measured part, the same for every broadcaster: publish, then wait for all."""
+    start = time.perf_counter()
+    for i in range(events):
+        await publish("bench", PAYLOAD)
+        if i % batch == batch - 1:
+            await asyncio.sleep(0)
+    await done.wait()
+    elapsed = time.perf_counter() - start
+    await asyncio.gather(*tasks)
+    return elapsed
+
+
 async def run_ours(subscribers: int, events: int, batch: int) -> float:
     from sse_broadcaster import EventBroadcaster
 
@@ -61,15 +76,7 @@ async def run_ours(subscribers: int, events: int, batch: int) -> float:
         for sub in subs:
             tasks.append(asyncio.ensure_future(consume(sub)))
         await asyncio.sleep(0.05)  # every subscriber entered and parked
-        start = time.perf_counter()
-        for i in range(events):
-            await broadcaster.publish("bench", PAYLOAD)
-            if i % batch == batch - 1:
-                await asyncio.sleep(0)
-        await done.wait()
-        elapsed = time.perf_counter() - start
-        await asyncio.gather(*tasks)
-        return elapsed
+        return await _timed(broadcaster.publish, events, batch, done, tasks)
 
 
 async def run_encode(subscribers: int, events: int, batch: int) -> float:
@@ -97,15 +104,7 @@ async def run_encode(subscribers: int, events: int, batch: int) -> float:
         while ready < subscribers:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)
-        start = time.perf_counter()
-        for i in range(events):
-            await broadcast.publish("bench", PAYLOAD)
-            if i % batch == batch - 1:
-                await asyncio.sleep(0)
-        await done.wait()
-        elapsed = time.perf_counter() - start
-        await asyncio.gather(*tasks)
-        return elapsed
+        return await _timed(broadcast.publish, events, batch, done, tasks)
 
 
 async def run_queue(subscribers: int, events: int, batch: int) -> float:
