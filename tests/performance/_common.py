@@ -91,6 +91,24 @@ def write_text(name: str, text: str) -> Path:
     return path
 
 
+def stamp(result: dict[str, Any], script: str) -> None:
+    """Record the machine and the exact command in a benchmark's result."""
+    result["machine"] = machine()
+    result["command"] = " ".join(["python", f"tests/performance/{script}", *sys.argv[1:]])
+
+
+def save_results(
+    name: str, result: dict[str, Any], md: str, *, smoke: bool, json_path: str | None
+) -> None:
+    """Print the Markdown and write JSON + Markdown under results/ (and to `json_path`)."""
+    print(md)
+    stem = f"{name}-smoke" if smoke else name
+    write_json(stem, result)
+    write_text(f"{stem}.md", md)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2, default=float))
+
+
 def median(values: Sequence[float]) -> float:
     clean = [v for v in values if v is not None and v == v]
     return statistics.median(clean) if clean else float("nan")

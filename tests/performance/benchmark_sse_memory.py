@@ -50,11 +50,10 @@ import contextlib
 from _common import (
     RESULTS,
     available,
-    machine,
     progress,
+    save_results,
+    stamp,
     table,
-    write_json,
-    write_text,
 )
 
 IMPLS = ["ours", "encode"]
@@ -346,19 +345,10 @@ def main() -> None:
         child(args.child, duration, args.scale)
         return
     result = run(duration, args.scale, not args.no_progress)
-    result["machine"] = machine()
-    result["command"] = " ".join(
-        ["python", "tests/performance/benchmark_sse_memory.py", *sys.argv[1:]]
-    )
-    md = markdown(result)
-    print(md)
-    name = "memory_soak-smoke" if args.smoke else "memory_soak"
-    write_json(name, result)
-    write_text(f"{name}.md", md)
+    stamp(result, "benchmark_sse_memory.py")
+    save_results("memory_soak", result, markdown(result), smoke=args.smoke, json_path=args.json)
     if not args.smoke:
         plot(result, RESULTS / "perf-memory-soak.png")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=float))
 
 
 if __name__ == "__main__":

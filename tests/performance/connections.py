@@ -23,7 +23,6 @@ the clients').
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,13 +34,12 @@ from _common import (
     Clients,
     Server,
     available,
-    machine,
     median,
     progress,
     raise_nofile,
+    save_results,
+    stamp,
     table,
-    write_json,
-    write_text,
 )
 
 STACKS = ["ours", "sse-starlette", "bare"]
@@ -148,15 +146,8 @@ def main() -> None:
         for kind, runs in samples.items()
     }
     result["samples"] = samples
-    result["machine"] = machine()
-    result["command"] = " ".join(["python", "tests/performance/connections.py", *sys.argv[1:]])
-    md = markdown(result)
-    print(md)
-    name = "connections-smoke" if args.smoke else "connections"
-    write_json(name, result)
-    write_text(f"{name}.md", md)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=float))
+    stamp(result, "connections.py")
+    save_results("connections", result, markdown(result), smoke=args.smoke, json_path=args.json)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ aiohttp. Runs alternate the order of the stacks; figures are medians of
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -46,10 +45,11 @@ from _common import (
     Server,
     available,
     fmt,
-    machine,
     median,
     progress,
     quantile,
+    save_results,
+    stamp,
     table,
     write_json,
     write_text,
@@ -467,20 +467,14 @@ def main() -> None:
         args.burst_clients, args.paced_clients = "10,100", "100"
         args.paced_seconds, args.scale = 1.0, 0.3
     result = run(args)
-    result["machine"] = machine()
-    result["command"] = " ".join(["python", "tests/performance/http_e2e.py", *sys.argv[1:]])
+    stamp(result, "http_e2e.py")
     md = markdown(result)
     if args.profile:
         result["profiles"] = profile()
         write_text("profile.md", profile_markdown(result["profiles"]))
-    print(md)
-    name = "http_e2e-smoke" if args.smoke else "http_e2e"
-    write_json(name, result)
-    write_text(f"{name}.md", md)
+    save_results("http_e2e", result, md, smoke=args.smoke, json_path=args.json)
     if not args.smoke:
         plot(result, RESULTS / "perf-http-e2e.png")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=float))
 
 
 if __name__ == "__main__":

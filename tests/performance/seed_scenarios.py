@@ -44,12 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     Server,
     available,
-    machine,
     median,
     progress,
+    save_results,
+    stamp,
     table,
-    write_json,
-    write_text,
 )
 
 SCENARIOS = ["sustained", "burst", "many_sessions", "concurrent"]
@@ -378,15 +377,9 @@ def main() -> None:
     elif args.quick:
         args.runs = 1
     result = run(args)
-    result["machine"] = machine()
-    result["command"] = " ".join(["python", "tests/performance/seed_scenarios.py", *sys.argv[1:]])
+    stamp(result, "seed_scenarios.py")
     md = markdown(result)
-    print(md)
-    name = "seed_scenarios-smoke" if args.smoke else "seed_scenarios"
-    write_json(name, result)
-    write_text(f"{name}.md", md)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=float))
+    save_results("seed_scenarios", result, md, smoke=args.smoke, json_path=args.json)
 
 
 if __name__ == "__main__":
