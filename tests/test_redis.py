@@ -636,6 +636,21 @@ def slow_reads(backend: RedisBackend, delay: float, times: int) -> list[int]:
     return done
 
 
+async def kill_pubsub_during_a_slow_read(
+    broadcaster: EventBroadcaster, raw: aioredis.Redis
+) -> None:
+    """Kill the node's Pub/Sub connection with its next stream read delayed.
+
+    Returns once the node has reconnected and its recovery read is in flight, so
+    that what is published next arrives on Pub/Sub and is buffered meanwhile.
+    """
+    delayed = slow_reads(broadcaster.backend, 0.3, times=1)  # type: ignore[arg-type]
+    await raw.client_kill_filter(_type="pubsub")
+    with anyio.fail_after(5):
+        while broadcaster.stats()["backend"]["reconnects"] < 1 or not delayed[0]:
+            await anyio.sleep(0.005)
+
+
 async def recovered(b: EventBroadcaster) -> dict[str, Any]:
     """The backend's stats once its recovery after the last reconnection is over."""
     with anyio.fail_after(10):
@@ -667,11 +682,7 @@ async def test_buffer_overflow_in_recovery_rereads_the_stream(
     ):
         sent = [await a.publish("room", "before")]
         assert await receive(sub, 1) == sent
-        delayed = slow_reads(b.backend, 0.3, times=1)  # type: ignore[arg-type]
-        await raw.client_kill_filter(_type="pubsub")
-        with anyio.fail_after(5):
-            while b.stats()["backend"]["reconnects"] < 1 or not delayed[0]:
-                await anyio.sleep(0.005)
+        await kill_pubsub_during_a_slow_read(b, raw)
         # The recovery's read is in flight: these arrive on Pub/Sub meanwhile.
         await publish_during(a, "room", 40, sent)
         sent.append(await a.publish("room", "after"))
@@ -726,11 +737,7 @@ async def test_buffer_overflow_beyond_history_ends_with_gap(
         async with b.subscribe("room") as sub:
             before = await a.publish("room", "before")
             assert await receive(sub, 1) == [before]
-            delayed = slow_reads(b.backend, 0.3, times=1)  # type: ignore[arg-type]
-            await raw.client_kill_filter(_type="pubsub")
-            with anyio.fail_after(5):
-                while not delayed[0]:
-                    await anyio.sleep(0.005)
+            await kill_pubsub_during_a_slow_read(b, raw)
             await publish_during(a, "room", 20, [])
             with anyio.fail_after(10), pytest.raises(GapError, match="may have been lost"):
                 async for _ in sub:
@@ -753,11 +760,7 @@ async def test_close_during_an_overflowed_recovery_ends_the_session(
     ):
         before = await a.publish("room", "before")
         assert await receive(sub, 1) == [before]
-        delayed = slow_reads(b.backend, 0.3, times=1)  # type: ignore[arg-type]
-        await raw.client_kill_filter(_type="pubsub")
-        with anyio.fail_after(5):
-            while not delayed[0]:
-                await anyio.sleep(0.005)
+        await kill_pubsub_during_a_slow_read(b, raw)
         await publish_during(a, "room", 10, [])
         assert await a.close_session("room")
         with anyio.fail_after(10):
