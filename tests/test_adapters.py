@@ -7,6 +7,7 @@ wire itself is the point (chunks, a client that stops reading), a bare socket.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import re
@@ -203,6 +204,34 @@ async def test_disconnect_releases_subscription_within_one_interval(adapter: str
         took = await wait_for(lambda: broadcaster.stats()["totalSubscribers"] == 0, 2 * interval)
         assert took <= interval
         assert len(registry_for(broadcaster)) == 0
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+async def test_streams_share_one_watchdog(adapter: str) -> None:
+    import asyncio
+
+    # Tasks per open stream: the server's (uvicorn: the ASGI cycle; aiohttp:
+    # the connection and its handler), plus the ASGI disconnect listener on
+    # Starlette. Keep-alive and send timeouts take no task of their own.
+    per_stream = 2
+    streams = 20
+    broadcaster = EventBroadcaster(config(keepalive_interval=0.2))
+    registry = registry_for(broadcaster)
+    async with serve_adapter(adapter, broadcaster) as served, contextlib.AsyncExitStack() as stack:
+        before = len(asyncio.all_tasks())
+        raws = [
+            await stack.enter_async_context(open_raw(served.base_url, f"/events/s{i % 3}"))
+            for i in range(streams)
+        ]
+        for raw in raws:
+            assert await raw.read_chunk() == b"retry: 3000\n\n"
+        assert len(asyncio.all_tasks()) - before <= per_stream * streams
+        for raw in raws:  # every stream is kept alive by the one timer
+            assert await raw.read_chunk() == b": ping\n\n"
+        await stack.aclose()
+        await wait_for(lambda: len(registry) == 0, 5)
+        # With no stream left the timer stops at its next tick.
+        await wait_for(lambda: registry._loop is None, 5)
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS)

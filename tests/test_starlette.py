@@ -228,6 +228,55 @@ async def test_flush_window_writes_at_once_after_a_quiet_spell(
         assert exchange.messages[-1]["body"] == second.encode() + third.encode()
 
 
+async def test_one_flush_per_session_holds_a_burst_but_not_a_fanout() -> None:
+    # A window far longer than the test: an event held back would time it out.
+    broadcaster = EventBroadcaster(BroadcasterConfig(retry_ms=None))
+    endpoint = sse_endpoint(broadcaster, flush_window=30.0)
+    registry = registry_for(broadcaster)
+    async with (
+        lifespan(broadcaster)(None),
+        request(endpoint, {"session_id": "room"}) as one,
+        request(endpoint, {"session_id": "room"}) as two,
+    ):
+        with anyio.fail_after(5):
+            while broadcaster.stats()["totalSubscribers"] < 2:
+                await anyio.sleep(0.01)
+        gate = registry._gates["room"]
+        assert gate.streams == 2  # one gate for the session's streams
+        # Nothing written yet: the first event is not a burst, and the second
+        # stream writing the same event does not wait either.
+        first = await broadcaster.publish("room", "a")
+        for exchange in (one, two):
+            await exchange.wait_for_body(lambda body: body == first.encode())
+        assert gate.flush is None
+        # A newer event right after a write: held for the session's one flush.
+        second = await broadcaster.publish("room", "b")
+        with anyio.fail_after(5):
+            while gate.flush is None:
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.1)
+        assert one.body == two.body == first.encode()
+        assert second.id not in one.body.decode()
+    assert "room" not in registry._gates  # released with its last stream
+    assert len(registry) == 0
+
+
+async def test_keepalive_through_the_shared_watchdog() -> None:
+    broadcaster = EventBroadcaster(BroadcasterConfig(keepalive_interval=0.1, retry_ms=None))
+    endpoint = sse_endpoint(broadcaster)
+    async with (
+        lifespan(broadcaster)(None),
+        request(endpoint, {"session_id": "a"}) as one,
+        request(endpoint, {"session_id": "b"}) as two,
+    ):
+        for exchange in (one, two):
+            await exchange.wait_for_body(lambda body: body == b": ping\n\n: ping\n\n")
+        event = await broadcaster.publish("a", "after the pings")
+        await one.wait_for_body(lambda body: body.endswith(event.encode()))
+    assert len(registry_for(broadcaster)) == 0
+    assert registry_for(broadcaster)._streams == set()
+
+
 # -- the shutdown hook ------------------------------------------------------------------------
 
 

@@ -126,6 +126,31 @@ async def test_receive_batch() -> None:
             await sub.receive_batch()
 
 
+async def test_interrupt_makes_receive_batch_return_nothing_once() -> None:
+    # The adapters' watchdog wakes a stream's task this way to send a keep-alive.
+    async with EventBroadcaster() as broadcaster, broadcaster.subscribe("room") as sub:
+        async with anyio.create_task_group() as tg:
+            got: list[list[Any]] = []
+
+            async def receive() -> None:
+                got.append(await sub.receive_batch())
+
+            tg.start_soon(receive)
+            await anyio.wait_all_tasks_blocked()
+            sub._interrupt()
+        assert got == [[]]
+        sub._interrupt()  # nobody waits: the next call returns at once, once
+        assert await sub.receive_batch() == []
+        event = await broadcaster.publish("room", "e")
+        sub._interrupt()
+        assert await sub.receive_batch() == [event]  # events come first
+        assert await sub.receive_batch() == []  # the interrupt is still owed
+        await broadcaster.close_session("room")
+        sub._interrupt()
+        with pytest.raises(anyio.EndOfStream):  # the end wins over an interrupt
+            await sub.receive_batch()
+
+
 async def test_receive_batch_includes_replay_then_live_in_order() -> None:
     async with EventBroadcaster() as broadcaster:
         events = [await broadcaster.publish("room", str(i)) for i in range(3)]

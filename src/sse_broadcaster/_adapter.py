@@ -37,6 +37,7 @@ from ._errors import (
     SubscriberLimitError,
 )
 from ._event import Event, encode_comment
+from ._lowlevel import current_loop_token, start_ticker
 
 if TYPE_CHECKING:
     from ._broadcaster import EventBroadcaster
@@ -205,13 +206,102 @@ def come_back_later(config: BroadcasterConfig, reason: str) -> tuple[bytes, int]
 # -- shutdown ------------------------------------------------------------------------------
 
 
-class StreamRegistry:
-    """The open streams of one broadcaster, so that a server's shutdown can end them."""
+class _Gate:
+    """The flush window of one session's streams in this process: one timer for all.
 
-    __slots__ = ("__weakref__", "_stops", "closing")
+    A stream woken for an event that no stream of the session has written yet,
+    less than five windows after the session's last write, is in a burst: it
+    waits for the session's flush (started by the first such stream, one
+    window long) so that more events join its write. Streams writing the same
+    event as the one before them (the fan-out of one event) never wait, and the
+    first event after a quiet spell goes out at once.
+    """
+
+    __slots__ = ("flush", "last_event", "last_write", "streams")
+
+    def __init__(self) -> None:
+        self.flush: anyio.Event | None = None
+        self.last_event: Event | None = None
+        self.last_write = 0.0
+        self.streams = 0
+
+    async def wait(self, window: float) -> None:
+        flush = self.flush
+        if flush is not None:
+            await flush.wait()
+            return
+        flush = self.flush = anyio.Event()
+        try:
+            await anyio.sleep(window)
+        finally:
+            # Also when this stream is cancelled: the others must not wait forever.
+            self.flush = None
+            flush.set()
+
+
+class _Stream:
+    """What the shared watchdog knows of one open stream."""
+
+    __slots__ = ("disconnected", "keepalive", "stalled", "stop", "subscription", "writer")
+
+    def __init__(
+        self,
+        writer: StreamWriter,
+        subscription: Subscription,
+        stop: Callable[[Outcome], None],
+        disconnected: Callable[[], bool] | None,
+        keepalive: float,
+        stalled: float,
+    ) -> None:
+        self.writer = writer
+        self.subscription = subscription
+        self.stop = stop
+        self.disconnected = disconnected
+        self.keepalive = keepalive
+        self.stalled = stalled
+
+    def check(self, now: float) -> None:
+        writer = self.writer
+        if writer.busy:
+            if now - writer.started >= self.stalled:
+                self.stop("timeout")
+        elif self.disconnected is not None and self.disconnected():
+            self.stop("disconnected")
+        elif now - writer.last_write >= self.keepalive:
+            # The stream's own task writes the comment: wake it with nothing.
+            self.subscription._interrupt()
+
+
+class StreamRegistry:
+    """The open streams of one broadcaster: ends them on shutdown and watches them.
+
+    One watchdog per registry, not one task per stream: a timer that looks at
+    every stream four times per ``min(keepalive_interval, send_timeout)``. It
+    ends a stream whose write has waited three quarters of ``send_timeout``
+    (so a stalled client is gone at most ``send_timeout`` after the write
+    began), ends a stream whose client has gone (when the adapter can tell),
+    and wakes a stream that has been silent for ``keepalive_interval`` to send
+    ``: ping``.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_gates",
+        "_generation",
+        "_loop",
+        "_stops",
+        "_streams",
+        "_tick",
+        "closing",
+    )
 
     def __init__(self) -> None:
         self._stops: set[Callable[[], None]] = set()
+        self._streams: set[_Stream] = set()
+        self._gates: dict[str, _Gate] = {}
+        self._loop: object = None
+        self._tick = math.inf
+        self._generation: object = None
         self.closing = False
         """True once `close_all` ran: new streams are told to come back later."""
 
@@ -229,6 +319,42 @@ class StreamRegistry:
         self.closing = True
         for stop in list(self._stops):
             stop()
+
+    def _watch(self, stream: _Stream, tick: float) -> None:
+        self._streams.add(stream)
+        loop = current_loop_token()
+        if self._loop is not loop or tick < self._tick:
+            # Not ticking on this loop, or too slowly for this stream: a new
+            # timer; the one before stops at its next tick.
+            self._loop = loop
+            self._tick = tick
+            generation = object()
+            self._generation = generation
+            start_ticker(tick, lambda: self._scan(generation))
+
+    def _scan(self, generation: object) -> bool:
+        if generation is not self._generation:
+            return False
+        if not self._streams:
+            self._loop = None
+            self._tick = math.inf
+            return False
+        now = time.monotonic()
+        for stream in list(self._streams):
+            stream.check(now)
+        return True
+
+    def _gate(self, session_id: str) -> _Gate:
+        gate = self._gates.get(session_id)
+        if gate is None:
+            gate = self._gates[session_id] = _Gate()
+        gate.streams += 1
+        return gate
+
+    def _release_gate(self, session_id: str, gate: _Gate) -> None:
+        gate.streams -= 1
+        if gate.streams == 0 and self._gates.get(session_id) is gate:
+            del self._gates[session_id]
 
 
 _REGISTRIES: weakref.WeakKeyDictionary[EventBroadcaster, StreamRegistry] = (
@@ -384,19 +510,19 @@ async def run_stream(
 ) -> Outcome:
     """Write the subscription's events to a client until one side ends.
 
-    Each wake-up drains everything queued and sends it in one write. A
-    watchdog task sends ``: ping`` every ``keepalive_interval`` of silence and
-    ends the stream when a write cannot finish within ``send_timeout``: it
-    looks four times per timeout and drops a write that has waited three
-    quarters of it, so a stalled client is gone at most ``send_timeout``
-    after the write began (and never before 0.75 of it). No lock and no
-    cancel scope per write: the hot path only stamps two times.
+    Each wake-up drains everything queued and sends it in one write. The
+    registry's watchdog (one timer for all its streams, see `StreamRegistry`)
+    has ``: ping`` sent after every ``keepalive_interval`` of silence and ends
+    the stream when a write cannot finish within ``send_timeout``. No lock, no
+    cancel scope and no task per write: the hot path only stamps two times.
 
     `disconnected` is polled by the watchdog; `listen` returns when the
-    client has gone (an ASGI ``http.disconnect``).
-    `flush_window` (seconds, 0 to disable): when the previous write was less
-    than five windows ago (a burst), wait one window so that more events join
-    the next write. An event that comes after a quiet spell is written at once.
+    client has gone (an ASGI ``http.disconnect``): it runs in a task of its own.
+    `flush_window` (seconds, 0 to disable): during a burst (an event newer
+    than the session's last write, less than five windows after it), wait for
+    the session's flush, one window long and shared by all its streams in
+    this process, so that more events join the write. An event that comes
+    after a quiet spell is written at once.
 
     Returns:
         Why it ended: the subscription "ended" (session or broadcaster closed,
@@ -407,9 +533,7 @@ async def run_stream(
     outcome: Outcome = "ended"
     keepalive = config.keepalive_interval
     send_timeout = config.send_timeout
-    tick = min(keepalive, send_timeout) / 4
-    # A check every `tick` sees a stalled write at most `tick` late.
-    stalled = send_timeout - send_timeout / 4
+    scope = anyio.CancelScope()
 
     def stop(reason: Outcome) -> None:
         nonlocal outcome
@@ -417,79 +541,80 @@ async def run_stream(
             outcome = reason
         scope.cancel()
 
-    async def watchdog() -> None:
-        while True:
-            now = time.monotonic()
-            wait = tick
-            if writer.busy:
-                if now - writer.started >= stalled:
-                    stop("timeout")
+    def shutdown() -> None:
+        stop("shutdown")
+
+    async def pump() -> None:
+        session_id = subscription.session_id
+        # A write less than `burst_gap` after the session's last one, of an
+        # event no stream has written yet, means a burst.
+        burst_gap = _BURST_WINDOWS * flush_window
+        gate = registry._gate(session_id) if flush_window > 0 else None
+        try:
+            if first:
+                await writer.write(first)
+                if gate is not None:
+                    gate.last_write = writer.last_write
+            while True:
+                try:
+                    batch = await subscription.receive_batch()
+                except (anyio.EndOfStream, anyio.ClosedResourceError):
                     return
-            elif disconnected is not None and disconnected():
-                stop("disconnected")
-                return
-            else:
-                silence = now - writer.last_write
-                if silence >= keepalive:
-                    try:
-                        with anyio.move_on_after(send_timeout) as ping_scope:
-                            await writer.write(_PING)
-                    except OSError:
-                        stop("disconnected")
-                        return
-                    if ping_scope.cancelled_caught:
-                        stop("timeout")
-                        return
+                except SlowSubscriberError:
+                    logger.debug("stream of session %r ended: slow subscriber", session_id)
+                    return
+                except BroadcasterError as exc:  # GapError and the like end the stream
+                    logger.info("stream of session %r ended: %s", session_id, exc)
+                    return
+                if not batch:  # woken by the watchdog
+                    if time.monotonic() - writer.last_write >= keepalive:
+                        await writer.write(_PING)
                     continue
-                wait = min(tick, keepalive - silence)
-            await anyio.sleep(wait)
+                if gate is None:
+                    await writer.write(_join(batch))
+                    continue
+                if (
+                    gate.last_event is not batch[-1]
+                    and time.monotonic() - gate.last_write < burst_gap
+                ):
+                    await gate.wait(flush_window)
+                    batch += subscription.drain_nowait()
+                await writer.write(_join(batch))
+                gate.last_write = writer.last_write
+                gate.last_event = batch[-1]
+        except OSError:  # the peer reset the connection (aiohttp raises on write)
+            stop("disconnected")
+        finally:
+            if gate is not None:
+                registry._release_gate(session_id, gate)
 
     async def listener() -> None:
         assert listen is not None
         await listen()
         stop("disconnected")
 
-    def shutdown() -> None:
-        stop("shutdown")
-
-    async with anyio.create_task_group() as task_group:
-        scope = task_group.cancel_scope
+    stream = _Stream(
+        writer, subscription, stop, disconnected, keepalive, send_timeout - send_timeout / 4
+    )
+    with scope:
         registry.add(shutdown)
+        # A check every `tick` sees a stalled write at most `tick` late.
+        registry._watch(stream, min(keepalive, send_timeout) / 4)
         try:
             if registry.closing:
                 shutdown()
-            task_group.start_soon(watchdog)
-            if listen is not None:
-                task_group.start_soon(listener)
-            if first:
-                await writer.write(first)
-            # A write less than `burst_gap` after the previous one means a burst:
-            # wait `flush_window` so that more events join it. After a quiet
-            # spell the first event goes out at once, so paced streams (slower
-            # than one event per `burst_gap`) pay no added latency.
-            burst_gap = _BURST_WINDOWS * flush_window
-            while True:
-                try:
-                    batch = await subscription.receive_batch()
-                except (anyio.EndOfStream, anyio.ClosedResourceError):
-                    break
-                except SlowSubscriberError:
-                    logger.debug(
-                        "stream of session %r ended: slow subscriber", subscription.session_id
-                    )
-                    break
-                except BroadcasterError as exc:  # GapError and the like end the stream
-                    logger.info("stream of session %r ended: %s", subscription.session_id, exc)
-                    break
-                if flush_window > 0 and time.monotonic() - writer.last_write < burst_gap:
-                    await anyio.sleep(flush_window)
-                    batch += subscription.drain_nowait()
-                await writer.write(_join(batch))
-        except OSError:  # the peer reset the connection (aiohttp raises on write)
-            stop("disconnected")
+            if listen is None:
+                await pump()
+            else:
+                async with anyio.create_task_group() as task_group:
+                    task_group.start_soon(listener)
+                    try:
+                        await pump()
+                    finally:
+                        task_group.cancel_scope.cancel()
         finally:
             registry.discard(shutdown)
-            scope.cancel()
+            registry._streams.discard(stream)
     return outcome
 
 

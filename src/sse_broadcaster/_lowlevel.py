@@ -9,12 +9,16 @@ future, or trio's `wait_task_rescheduled`. Any other loop falls back to
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 
-__all__ = ["Parker", "make_parker"]
+__all__ = ["Parker", "current_loop_token", "make_parker", "start_ticker"]
+
+logger = logging.getLogger("sse_broadcaster")
 
 
 class Parker:
@@ -108,3 +112,53 @@ def make_parker() -> Parker:
         else:
             return _TrioParker(trio)
     return _AnyioParker()  # pragma: no cover - neither asyncio nor trio
+
+
+def start_ticker(interval: float, tick: Callable[[], bool]) -> object:
+    """Call ``tick()`` every `interval` seconds on the running event loop until it returns False.
+
+    One timer for many streams (the adapters' watchdog): on asyncio a chain of
+    ``call_later`` callbacks, on trio a system task, so that no request's task
+    has to host it. An exception from ``tick`` is logged and the ticking goes on.
+
+    Returns:
+        A token for the loop it runs on (compare it with `current_loop_token`).
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+
+        def fire() -> None:
+            if _safe(tick):
+                loop.call_later(interval, fire)
+
+        loop.call_later(interval, fire)
+        return loop
+    trio: Any = sys.modules["trio"]
+
+    async def run() -> None:
+        while True:
+            await trio.sleep(interval)
+            if not _safe(tick):
+                return
+
+    trio.lowlevel.spawn_system_task(run, name="sse_broadcaster ticker")
+    return trio.lowlevel.current_trio_token()
+
+
+def current_loop_token() -> object:
+    """The running event loop (asyncio) or trio token, as `start_ticker` returns it."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return sys.modules["trio"].lowlevel.current_trio_token()
+
+
+def _safe(tick: Callable[[], bool]) -> bool:
+    try:
+        return tick()
+    except Exception:  # pragma: no cover - a bug in tick; keep the other streams watched
+        logger.exception("sse_broadcaster: the stream watchdog failed")
+        return True

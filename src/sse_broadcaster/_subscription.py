@@ -70,6 +70,7 @@ class Subscription:
         "_broadcaster",
         "_error",
         "_inbox",
+        "_interrupted",
         "_max_bytes",
         "_max_items",
         "_parker",
@@ -105,6 +106,7 @@ class Subscription:
         self._batch: deque[Event] | None = None
         self._parker: Parker | None = None
         self._waiting = False
+        self._interrupted = False
         # The producer's side of the queue, from entry on; `_ref` is the same object
         # while the subscription is attached to its session, None after.
         self._inbox: _SubscriberRef | None = None
@@ -200,6 +202,16 @@ class Subscription:
             self._broadcaster._detach(self)
             self._wake()
 
+    def _interrupt(self) -> None:
+        """Make the waiting `receive_batch` (or the next one) return ``[]`` once.
+
+        For the adapters' shared watchdog: it wakes a stream's task to send a
+        keep-alive comment. Not public: every other caller of `receive_batch`
+        relies on it returning at least one event.
+        """
+        self._interrupted = True
+        self._wake()
+
     def _wake(self) -> None:
         if self._inbox is not None:
             self._inbox.waker = None
@@ -282,6 +294,9 @@ class Subscription:
             if batch:
                 return batch
             self._finish()
+            if self._interrupted:
+                self._interrupted = False
+                return batch
             await self._wait()
 
     def drain_nowait(self, max_events: int | None = None) -> list[Event]:

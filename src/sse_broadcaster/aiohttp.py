@@ -72,18 +72,22 @@ def sse_handler(
     200 with a jittered ``retry:`` and ``Retry-After`` when a limit is reached.
 
     aiohttp does not tell a handler that its client went away, so a
-    disconnect is noticed by the watchdog (it checks the transport several
-    times per keep-alive interval) or by the next write.
+    disconnect is noticed by the registry's watchdog (one timer for all
+    streams; it checks every transport four times per keep-alive interval)
+    or by the next write.
 
     Args:
         broadcaster: the broadcaster to subscribe to; run it with `setup`.
         authorize: ``authorize(request, session_id)``, sync or async, gets the
             `aiohttp.web.Request`; False answers 403 before any event is sent.
         match_info_key: the route's variable holding the session id.
-        flush_window: during a burst (a write less than five windows after
-            the previous one), wait this many seconds so that more events join
-            the write; an event after a quiet spell is written at once. 0 writes
-            every batch at once.
+        flush_window: during a burst (an event newer than the session's
+            last write, less than five windows after it), wait for the
+            session's flush, this many seconds long and shared by all its
+            streams in this process, so that more events join the write. An
+            event after a quiet spell, and the fan-out of one event to a
+            session's streams, are written at once. 0 writes every batch at
+            once.
 
     Raises:
         ValueError: `flush_window` is negative.

@@ -193,10 +193,13 @@ def sse_endpoint(
         authorize: ``authorize(request, session_id)``, sync or async, gets a
             Starlette `Request`; False answers 403 before any event is sent.
         path_param: name of the path parameter holding the session id.
-        flush_window: during a burst (a write less than five windows after
-            the previous one), wait this many seconds so that more events join
-            the write; an event after a quiet spell is written at once. 0 writes
-            every batch at once.
+        flush_window: during a burst (an event newer than the session's
+            last write, less than five windows after it), wait for the
+            session's flush, this many seconds long and shared by all its
+            streams in this process, so that more events join the write. An
+            event after a quiet spell, and the fan-out of one event to a
+            session's streams, are written at once. 0 writes every batch at
+            once.
 
     Raises:
         ValueError: `flush_window` is negative.

@@ -419,7 +419,9 @@ so every stack finds up to 100 events queued per wake-up; stacks that write
 one event per send (the peers) cannot use that. **Paced**: 100
 events/s for 3 s; p50/p99 of receive time minus the publish time carried in
 the event. `ours` runs with `flush_window=0`, `ours-1ms` with the adapters' default
-(1 ms, coalescing only during bursts) and `ours-5ms` with 5 ms; `bare` is a bare ASGI
+(1 ms: one flush timer per session, coalescing only during bursts, never for
+the first event after a quiet spell nor for the fan-out of one event) and
+`ours-5ms` with 5 ms; `bare` is a bare ASGI
 app on the same uvicorn writing pre-encoded bytes (no broadcaster, no
 framework): the ceiling. `std/` rows run `uvicorn[standard]` (httptools +
 uvloop); the others plain uvicorn (h11, asyncio loop). The CPU figures in
