@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sse_broadcaster import Event
-from sse_broadcaster._event import encode_comment
+from sse_broadcaster._event import encode_comment, make_event
 
 from .sse_parser import ParsedEvent, SSEParser, parse
 
@@ -367,3 +367,48 @@ async def test_round_trip_through_httpx_sse_async() -> None:
         (e.event, e.data, e.id, e.retry) async for e in httpx_sse.EventSource(response).aiter_sse()
     ]
     assert got == [("chat", "a\nb", "e-1", 5), ("message", " c\n", "e-2", None)]
+
+
+@given(
+    data=st.text(),
+    event=st.one_of(
+        st.none(), st.text(min_size=1).filter(lambda s: not {"\r", "\n", "\0"} & set(s))
+    ),
+    retry=st.one_of(st.none(), st.integers(min_value=0, max_value=10**12)),
+    timestamp=st.floats(allow_nan=False),
+)
+def test_make_event_is_the_constructor_minus_the_id_check(
+    data: str, event: str | None, retry: int | None, timestamp: float
+) -> None:
+    try:
+        expected: Event | ValueError = Event("3-7", "room", data, event, retry, timestamp)
+    except ValueError as exc:  # data with lone surrogates
+        expected = exc
+    if isinstance(expected, ValueError):
+        with pytest.raises(ValueError, match="not encodable as UTF-8"):
+            make_event("3-7", "room", data, event, retry, timestamp)
+        return
+    made = make_event("3-7", "room", data, event, retry, timestamp)
+    assert type(made) is Event
+    assert made == expected
+    assert made.encode() == expected.encode()
+    assert made.size == expected.size
+    assert repr(made) == repr(expected)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.data = "changed"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("event", "retry", "message"),
+    [
+        ("", None, "event must be a non-empty name or None, got ''"),
+        ("a\nb", None, "event must not contain CR, LF or NUL, got 'a\\\\nb'"),
+        (None, -1, "retry must be an int >= 0 or None, got -1"),
+        (None, True, "retry must be an int >= 0 or None, got True"),
+    ],
+)
+def test_make_event_checks_name_and_retry(
+    event: str | None, retry: int | None, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_event("1-1", "room", "data", event, retry, 0.0)

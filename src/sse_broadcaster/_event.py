@@ -46,14 +46,7 @@ class Event:
         if not isinstance(self.data, str):
             raise TypeError(f"data must be a str, got {type(self.data).__name__}")
         _check_field("id", self.id)
-        if self.event is not None:
-            if not self.event:
-                raise ValueError("event must be a non-empty name or None, got ''")
-            _check_field("event", self.event)
-        if self.retry is not None and (
-            isinstance(self.retry, bool) or not isinstance(self.retry, int) or self.retry < 0
-        ):
-            raise ValueError(f"retry must be an int >= 0 or None, got {self.retry!r}")
+        _check_name_and_retry(self.event, self.retry)
         object.__setattr__(self, "_wire", _encode(self.id, self.event, self.retry, self.data))
 
     def encode(self) -> bytes:
@@ -64,6 +57,46 @@ class Event:
     def size(self) -> int:
         """Length of the encoded message in bytes (what queue and history limits count)."""
         return len(self._wire)
+
+
+def _check_name_and_retry(event: str | None, retry: int | None) -> None:
+    if event is not None:
+        if not event:
+            raise ValueError("event must be a non-empty name or None, got ''")
+        _check_field("event", event)
+    if retry is not None and (isinstance(retry, bool) or not isinstance(retry, int) or retry < 0):
+        raise ValueError(f"retry must be an int >= 0 or None, got {retry!r}")
+
+
+# The slots' own setters: what the frozen dataclass's __init__ does, minus its
+# per-field object.__setattr__ lookups (a third of a publish with one subscriber).
+_new = object.__new__
+_set_id, _set_session_id, _set_data, _set_event, _set_retry, _set_timestamp, _set_wire = (
+    Event.__dict__[name].__set__
+    for name in ("id", "session_id", "data", "event", "retry", "timestamp", "_wire")
+)
+
+
+def make_event(
+    id: str, session_id: str, data: str, event: str | None, retry: int | None, timestamp: float
+) -> Event:
+    """`Event(...)` for a backend that made the id itself and holds `data` as a str.
+
+    Equal to the dataclass constructor in every field; checks ``event`` and
+    ``retry`` the same way (ValueError) but trusts ``id`` (no CR, LF or NUL)
+    and the type of ``data``.
+    """
+    if event is not None or retry is not None:
+        _check_name_and_retry(event, retry)
+    new: Event = _new(Event)
+    _set_id(new, id)
+    _set_session_id(new, session_id)
+    _set_data(new, data)
+    _set_event(new, event)
+    _set_retry(new, retry)
+    _set_timestamp(new, timestamp)
+    _set_wire(new, _encode(id, event, retry, data))
+    return new
 
 
 def _encode(id: str, event: str | None, retry: int | None, data: str) -> bytes:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from itertools import islice
 
 from .._errors import BroadcasterClosedError, EventTooLargeError, SessionLimitError
-from .._event import Event
+from .._event import Event, make_event
 from ._base import BackendHub, Replay, SweepResult
 
 __all__ = ["MemoryBackend"]
@@ -177,7 +177,9 @@ class MemoryBackend:
         session = self._session(session_id, hub)
         now = hub.clock()
         try:
-            new = Event(f"{session.epoch}-{session.seq + 1}", session_id, data, event, retry, now)
+            new = make_event(
+                f"{session.epoch}-{session.seq + 1}", session_id, data, event, retry, now
+            )
             size = len(new._wire)
             if size > config.max_event_bytes:
                 raise EventTooLargeError(
