@@ -150,12 +150,14 @@ def test_memory_soak_smoke(tmp_path: Path) -> None:
         )
     )
     data = json.loads(out.read_text())
-    impls = ["ours", *(["encode"] if ENCODE else [])]
+    impls = ["ours", "harness", *(["encode"] if ENCODE else [])]
+    assert sorted(data["impls"]) == sorted(impls)
     for impl in impls:
         r = data["impls"][impl]
         assert _finite(r["peak_mb"])
         assert r["peak_mb"] > 0
         assert _number(r["growth_mb_per_hour"])  # NaN when the run is shorter than the warm-up
+        assert _number(r["growth_second_half_mb_per_hour"])
         assert len(r["rss"]) >= 2
         assert r["counters"]["published"] > 0
     counters = data["impls"]["ours"]["counters"]

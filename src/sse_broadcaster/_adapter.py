@@ -464,27 +464,22 @@ def install_shutdown_hook(registry: StreamRegistry) -> bool:
 
 
 class StreamWriter:
-    """Serialises the writes of one stream and times them for the watchdog.
+    """Times the writes of one stream for the watchdog.
 
-    The hot path takes no lock and enters no cancel scope: a write sets a flag
-    and a start time that the watchdog reads. Only when a keep-alive comment
-    and a batch collide does a writer wait, on an event made for the occasion.
+    Only the stream's own task writes (events and keep-alive comments alike),
+    so the hot path takes no lock and enters no cancel scope: a write sets a
+    flag and a start time that the watchdog reads.
     """
 
-    __slots__ = ("_idle", "_send", "busy", "last_write", "started")
+    __slots__ = ("_send", "busy", "last_write", "started")
 
     def __init__(self, send: Callable[[bytes], Awaitable[None]]) -> None:
         self._send = send
-        self._idle: anyio.Event | None = None
         self.busy = False
         self.started = 0.0
         self.last_write = time.monotonic()
 
     async def write(self, data: bytes) -> None:
-        while self.busy:
-            if self._idle is None:
-                self._idle = anyio.Event()
-            await self._idle.wait()
         self.busy = True
         self.started = time.monotonic()
         try:
@@ -492,9 +487,6 @@ class StreamWriter:
         finally:
             self.busy = False
             self.last_write = time.monotonic()
-            idle, self._idle = self._idle, None
-            if idle is not None:
-                idle.set()
 
 
 async def run_stream(

@@ -180,6 +180,7 @@ NEEDS = {
     "ours-aiohttp": ["aiohttp"],
     "aiohttp-sse": ["aiohttp", "aiohttp_sse", "broadcaster"],
     "encode": ["broadcaster"],
+    "harness": [],
     "httptools": ["httptools", "uvloop"],
 }
 

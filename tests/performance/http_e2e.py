@@ -438,7 +438,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a few seconds, for the test suite")
     parser.add_argument("--burst-clients", default="10,100,1000")
     parser.add_argument("--paced-clients", default="10,100,500,1000")
-    parser.add_argument("--paced-seconds", type=float, default=3.0)
+    parser.add_argument("--paced-seconds", type=float, default=10.0)
     parser.add_argument("--paced-std", action="store_true", help="paced runs on httptools too")
     parser.add_argument(
         "--no-burst100", dest="burst100", action="store_false", help="skip the batched burst"
