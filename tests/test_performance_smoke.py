@@ -133,6 +133,8 @@ def test_connections_smoke(tmp_path: Path) -> None:
             assert _finite(r[key]), (stack, key)
         assert _finite(r["deliver_all_s"])
         assert r["delivered"] == 50
+        assert _finite(r["idle_cpu"])
+        assert r["idle_cpu"] >= 0
 
 
 def test_memory_soak_smoke(tmp_path: Path) -> None:

@@ -203,7 +203,7 @@ def come_back_later(config: BroadcasterConfig, reason: str) -> tuple[bytes, int]
     return body, max(1, math.ceil(retry_ms / 1000))
 
 
-# -- shutdown ------------------------------------------------------------------------------
+# -- open streams: flush windows, the watchdog, shutdown ------------------------------------
 
 
 class _Gate:

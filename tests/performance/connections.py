@@ -14,7 +14,9 @@ Reported:
 - RSS per connection, server included: RSS with N idle streams / N (the
   figure to compare with Centrifuge's ~30 KB per connection for its Go server);
 - the time to deliver one event to all N: from the publish request until the
-  last client has it.
+  last client has it;
+- the server's CPU while the N streams sit idle (10 s, in % of one core):
+  the cost of keep-alive timers and the like.
 
 RLIMIT_NOFILE is raised to its hard limit in every process (the server's and
 the clients').
@@ -46,7 +48,7 @@ STACKS = ["ours", "sse-starlette", "bare"]
 TARGET_KB = 30.0
 
 
-def measure(kind: str, n: int, settle: float = 1.0) -> dict[str, Any]:
+def measure(kind: str, n: int, settle: float = 1.0, idle: float = 10.0) -> dict[str, Any]:
     with Server(kind) as server:
         warm = Clients(server.port, ["/events/warm"], expect=1, procs=1)
         warm.wait_ready()
@@ -64,6 +66,10 @@ def measure(kind: str, n: int, settle: float = 1.0) -> dict[str, Any]:
             connect_s = time.perf_counter() - t_connect
             time.sleep(settle)
             loaded = server.rss()
+            # Idle CPU: what keep-alive timers and the like cost with N open streams.
+            cpu0, wall0 = server.cpu(), time.perf_counter()
+            time.sleep(idle)
+            idle_cpu = (server.cpu() - cpu0) / (time.perf_counter() - wall0)
             group.go(60)
             t0 = time.time()
             server.publish(["idle"], 1)
@@ -78,6 +84,7 @@ def measure(kind: str, n: int, settle: float = 1.0) -> dict[str, Any]:
         "deliver_all_s": (out["last"] or float("nan")) - t0,
         "delivered": out["done"],
         "connect_s": connect_s,
+        "idle_cpu": idle_cpu,
     }
 
 
@@ -94,6 +101,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{r['total_kb_per_conn']:.1f}",
                 f"{r['deliver_all_s'] * 1000:.0f} ms ({r['delivered']}/{n})",
                 f"{r['connect_s']:.1f} s",
+                f"{r['idle_cpu'] * 100:.1f} %",
             ]
         )
     header = [
@@ -104,6 +112,7 @@ def markdown(result: dict[str, Any]) -> str:
         "KB per stream, server included",
         "one event to all",
         "time to connect all",
+        "server CPU while idle",
     ]
     return table(header, rows)
 
@@ -131,7 +140,9 @@ def main() -> None:
         for r in range(args.runs):
             for kind in stacks if r % 2 == 0 else stacks[::-1]:
                 bar.set_postfix_str(kind)
-                samples[kind].append(measure(kind, args.connections, 0.2 if args.smoke else 1.0))
+                samples[kind].append(
+                    measure(kind, args.connections, *((0.2, 0.5) if args.smoke else (1.0, 10.0)))
+                )
                 bar.update()
     result: dict[str, Any] = {
         "connections": args.connections,
