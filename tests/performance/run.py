@@ -450,6 +450,13 @@ uvloop); the others plain uvicorn (h11, asyncio loop). The CPU figures in
 brackets (server / all client processes, % of one core over the measured
 window) show where the time goes. Median of 3 runs; ratios are medians of
 per-run ratios.
+
+The flush window's price shows in the paced p99 at small C: the paced
+publisher keeps an absolute schedule, so after a scheduling hiccup it
+publishes the late events back to back, and with the 1 ms window those count
+as a burst and wait up to one window (`ours-1ms` vs `ours`, and
+`aiohttp/ours-1ms` vs `aiohttp/ours`, at C=10). `flush_window=0` removes that
+cost and gives up the burst throughput.
 """
 CONN_TEXT = """
 N idle SSE streams on one session from 4 client processes, to one server
