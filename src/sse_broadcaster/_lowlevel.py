@@ -3,7 +3,8 @@
 A fresh `anyio.Event` per wait costs more than the delivery itself, so each
 supported event loop gets a parker built on its own primitive: an asyncio
 future, or trio's `wait_task_rescheduled`. Any other loop falls back to
-`anyio.Event`. The public API stays anyio; only this module knows the loops.
+`anyio.Event`. The same goes for the adapters' one watchdog timer
+(`start_ticker`). The public API stays anyio; only this module knows the loops.
 """
 
 from __future__ import annotations
@@ -114,15 +115,12 @@ def make_parker() -> Parker:
     return _AnyioParker()  # pragma: no cover - neither asyncio nor trio
 
 
-def start_ticker(interval: float, tick: Callable[[], bool]) -> object:
+def start_ticker(interval: float, tick: Callable[[], bool]) -> None:
     """Call ``tick()`` every `interval` seconds on the running event loop until it returns False.
 
     One timer for many streams (the adapters' watchdog): on asyncio a chain of
     ``call_later`` callbacks, on trio a system task, so that no request's task
     has to host it. An exception from ``tick`` is logged and the ticking goes on.
-
-    Returns:
-        A token for the loop it runs on (compare it with `current_loop_token`).
     """
     try:
         loop = asyncio.get_running_loop()
@@ -135,7 +133,7 @@ def start_ticker(interval: float, tick: Callable[[], bool]) -> object:
                 loop.call_later(interval, fire)
 
         loop.call_later(interval, fire)
-        return loop
+        return
     trio: Any = sys.modules["trio"]
 
     async def run() -> None:
@@ -145,11 +143,10 @@ def start_ticker(interval: float, tick: Callable[[], bool]) -> object:
                 return
 
     trio.lowlevel.spawn_system_task(run, name="sse_broadcaster ticker")
-    return trio.lowlevel.current_trio_token()
 
 
 def current_loop_token() -> object:
-    """The running event loop (asyncio) or trio token, as `start_ticker` returns it."""
+    """The running event loop (asyncio) or trio token: which loop a ticker runs on."""
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
