@@ -87,33 +87,26 @@ class _Counter:
 
 
 async def _inproc(impl: str, scenario: str, scale: float) -> float:
+    ctx: Any
     if impl == "ours":
         from sse_broadcaster import EventBroadcaster
 
-        ctx: Any = EventBroadcaster()
-
-        async def publish(room: str) -> None:
-            await ctx.publish(room, PAYLOAD)
-
-        async def consume(room: str, counter: _Counter, ready: asyncio.Event) -> None:
-            async with ctx.subscribe(room) as sub:
-                ready.set()
-                async for _ in sub:
-                    counter.add()
-
+        ctx = EventBroadcaster()
     else:
         from broadcaster import Broadcast
 
         ctx = Broadcast("memory://")
 
-        async def publish(room: str) -> None:
-            await ctx.publish(room, PAYLOAD)
+    # Both take (room, data) to publish and subscribe(room) as an async context
+    # manager that yields something to iterate.
+    async def publish(room: str) -> None:
+        await ctx.publish(room, PAYLOAD)
 
-        async def consume(room: str, counter: _Counter, ready: asyncio.Event) -> None:
-            async with ctx.subscribe(room) as sub:
-                ready.set()
-                async for _ in sub:
-                    counter.add()
+    async def consume(room: str, counter: _Counter, ready: asyncio.Event) -> None:
+        async with ctx.subscribe(room) as sub:
+            ready.set()
+            async for _ in sub:
+                counter.add()
 
     sessions, events, subs_per = _shape(scenario, scale)
     async with ctx:
