@@ -280,28 +280,30 @@ async def test_keepalive_through_the_shared_watchdog() -> None:
 # -- the shutdown hook ------------------------------------------------------------------------
 
 
-async def test_shutdown_hook_chains_the_servers_signal_handler() -> None:
+async def test_shutdown_hook_chains_the_servers_signal_handler(
+    broadcaster: EventBroadcaster,
+) -> None:
     calls: list[int] = []
 
     def server_handler(signum: int, frame: FrameType | None) -> None:
         calls.append(signum)
 
-    registry = StreamRegistry()
-    stopped = anyio.Event()
-    registry.add(stopped.set)
+    registry = registry_for(broadcaster)
     previous = signal.signal(signal.SIGTERM, server_handler)
     try:
-        assert install_shutdown_hook(registry)
-        assert install_shutdown_hook(registry)  # idempotent: wraps once
-        hook = signal.getsignal(signal.SIGTERM)
-        assert getattr(hook, "original", None) is server_handler
-        signal.raise_signal(signal.SIGTERM)
-        with anyio.fail_after(5):
-            await stopped.wait()
+        async with request(sse_endpoint(broadcaster), {"session_id": "room"}) as exchange:
+            await exchange.wait_for_body(bool)  # the endpoint installed the hook
+            assert install_shutdown_hook(registry)  # idempotent: wraps once
+            hook = signal.getsignal(signal.SIGTERM)
+            assert getattr(hook, "original", None) is server_handler
+            signal.raise_signal(signal.SIGTERM)
+            with anyio.fail_after(5):
+                await exchange.returned.wait()  # the open stream was ended
+            assert registry.closing
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert calls == [signal.SIGTERM]
-    assert registry.closing
+    assert exchange.messages[-1]["more_body"] is False
 
 
 async def test_shutdown_hook_leaves_default_handlers_alone() -> None:

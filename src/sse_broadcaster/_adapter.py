@@ -289,14 +289,12 @@ class StreamRegistry:
         "_gates",
         "_generation",
         "_loop",
-        "_stops",
         "_streams",
         "_tick",
         "closing",
     )
 
     def __init__(self) -> None:
-        self._stops: set[Callable[[], None]] = set()
         self._streams: set[_Stream] = set()
         self._gates: dict[str, _Gate] = {}
         self._loop: object = None
@@ -306,19 +304,13 @@ class StreamRegistry:
         """True once `close_all` ran: new streams are told to come back later."""
 
     def __len__(self) -> int:
-        return len(self._stops)
-
-    def add(self, stop: Callable[[], None]) -> None:
-        self._stops.add(stop)
-
-    def discard(self, stop: Callable[[], None]) -> None:
-        self._stops.discard(stop)
+        return len(self._streams)
 
     def close_all(self) -> None:
         """End every open stream now; call it from the event loop's thread."""
         self.closing = True
-        for stop in list(self._stops):
-            stop()
+        for stream in list(self._streams):
+            stream.stop("shutdown")
 
     def _watch(self, stream: _Stream, tick: float) -> None:
         self._streams.add(stream)
@@ -533,9 +525,6 @@ async def run_stream(
             outcome = reason
         scope.cancel()
 
-    def shutdown() -> None:
-        stop("shutdown")
-
     async def pump() -> None:
         session_id = subscription.session_id
         # A write less than `burst_gap` after the session's last one, of an
@@ -589,12 +578,11 @@ async def run_stream(
         writer, subscription, stop, disconnected, keepalive, send_timeout - send_timeout / 4
     )
     with scope:
-        registry.add(shutdown)
         # A check every `tick` sees a stalled write at most `tick` late.
         registry._watch(stream, min(keepalive, send_timeout) / 4)
         try:
             if registry.closing:
-                shutdown()
+                stop("shutdown")
             if listen is None:
                 await pump()
             else:
@@ -605,7 +593,6 @@ async def run_stream(
                     finally:
                         task_group.cancel_scope.cancel()
         finally:
-            registry.discard(shutdown)
             registry._streams.discard(stream)
     return outcome
 
