@@ -555,7 +555,7 @@ class EventBroadcaster:
 
     def metrics(self) -> MemoryMetrics:
         """Memory readings and sweep counters (reads process RSS)."""
-        _, _, estimate = self._backend.counts()
+        estimate = self._backend.counts().estimate_bytes
         estimate += self._subscribers * _SUBSCRIPTION_OVERHEAD
         self._last_rss_mb = process_memory_mb()
         return MemoryMetrics(

@@ -52,7 +52,7 @@ from ._errors import (
     SessionLimitError,
 )
 from ._event import Event
-from .backends._base import BackendHub, Replay, SweepResult
+from .backends._base import BackendCounts, BackendHub, Replay, SweepResult
 
 __all__ = ["RedisBackend"]
 
@@ -1525,15 +1525,15 @@ class RedisBackend:
             self._redis_memory = int(used) if used is not None else None
         return SweepResult()
 
-    def counts(self) -> tuple[int, int, int]:
-        """(sessions followed here, their retained events at the last sweep, bytes held here).
+    def counts(self) -> BackendCounts:
+        """Sessions followed here, their retained events at the last sweep, bytes held here.
 
         O(1) and local: history lives in Redis, so the event count covers the
         sessions this process follows, as of the last sweep, and the bytes are
         this process's own bookkeeping (Redis memory is ``stats()['usedMemory']``).
         """
         estimate = len(self._sessions) * _SESSION_OVERHEAD + self._pending_bytes
-        return len(self._sessions), self._retained_estimate, estimate
+        return BackendCounts(len(self._sessions), self._retained_estimate, estimate)
 
     def stats(self) -> dict[str, object]:
         return {

@@ -5,7 +5,7 @@
 the `Backend` protocol can be passed as ``EventBroadcaster(backend=...)``.
 """
 
-from ._base import Backend, BackendHub, Replay, SweepResult
+from ._base import Backend, BackendCounts, BackendHub, Replay, SweepResult
 from .memory import MemoryBackend
 
-__all__ = ["Backend", "BackendHub", "MemoryBackend", "Replay", "SweepResult"]
+__all__ = ["Backend", "BackendCounts", "BackendHub", "MemoryBackend", "Replay", "SweepResult"]

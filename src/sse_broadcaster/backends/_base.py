@@ -2,14 +2,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from .._config import BroadcasterConfig
     from .._event import Event
     from .._types import Clock
 
-__all__ = ["Backend", "BackendHub", "Replay", "SweepResult"]
+__all__ = ["Backend", "BackendCounts", "BackendHub", "Replay", "SweepResult"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +20,17 @@ class Replay:
     """Retained events after the subscriber's last id, oldest first."""
     gap: bool
     """True when events after that id may have been lost."""
+
+
+class BackendCounts(NamedTuple):
+    """What `Backend.counts` answers: O(1) figures for `EventBroadcaster.stats`."""
+
+    sessions: int
+    """Sessions the backend holds (a shared backend: the sessions followed here)."""
+    events: int
+    """Events retained in history (a shared backend: as of its last sweep)."""
+    estimate_bytes: int
+    """Estimate of the bytes this process holds for the backend."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +120,8 @@ class Backend(Protocol):
     async def sweep(self) -> SweepResult:
         """Drop expired events and idle sessions; cost grows with what is removed."""
 
-    def counts(self) -> tuple[int, int, int]:
-        """(sessions, retained events, estimated bytes held), in O(1)."""
+    def counts(self) -> BackendCounts:
+        """Sessions, retained events and estimated bytes held, in O(1)."""
 
     def stats(self) -> dict[str, object]:
         """Backend-specific figures for `EventBroadcaster.stats` (the ``backend`` key)."""

@@ -7,7 +7,7 @@ from itertools import islice
 
 from .._errors import BroadcasterClosedError, EventTooLargeError, SessionLimitError
 from .._event import Event, make_event
-from ._base import BackendHub, Replay, SweepResult
+from ._base import BackendCounts, BackendHub, Replay, SweepResult
 
 __all__ = ["MemoryBackend"]
 
@@ -277,14 +277,14 @@ class MemoryBackend:
             self._drop_session(session)
         return SweepResult(expired, len(gone), tuple(s.id for s in gone))
 
-    def counts(self) -> tuple[int, int, int]:
+    def counts(self) -> BackendCounts:
         estimate = (
             2 * self._bytes
             + self._events * _EVENT_OVERHEAD
             + len(self._sessions) * _SESSION_OVERHEAD
             + len(self._index) * 8
         )
-        return len(self._sessions), self._events, estimate
+        return BackendCounts(len(self._sessions), self._events, estimate)
 
     def stats(self) -> dict[str, object]:
         return {
