@@ -4,7 +4,7 @@ Each runs for a few seconds in a subprocess so that none of them rots; only
 the shape of the output is checked (keys present, numbers where numbers
 belong). No timing is asserted: these are benchmarks, and CI machines are
 noisy. Peer stacks (sse-starlette, aiohttp-sse, encode/broadcaster) and locust
-come with the ``bench`` extra: when they are installed their rows are checked
+come with requirements/bench.txt: when they are installed their rows are checked
 too; without them the benchmarks run our stacks only.
 """
 
