@@ -150,18 +150,18 @@ def test_create_http_client_rejects_kwargs_that_bypass_the_config(name: str) -> 
 def test_error_table_matches_httpx_own_transport() -> None:
     # Our transport maps httpcore errors the way httpx.AsyncHTTPTransport does.
     # httpx keeps its table private: if this fails, httpx changed its mapping and
-    # sse_broadcaster.http._HTTPCORE_TO_HTTPX must follow.
+    # sse_broadcaster._http._pool.HTTPCORE_TO_HTTPX must follow.
     from httpx._transports import default as httpx_default
 
-    from sse_broadcaster import http
+    from sse_broadcaster._http._pool import HTTPCORE_TO_HTTPX
 
-    assert httpx_default._load_httpcore_exceptions() == http._HTTPCORE_TO_HTTPX
+    assert httpx_default._load_httpcore_exceptions() == HTTPCORE_TO_HTTPX
     exported = {
         obj
         for name in httpcore.__all__
         if isinstance(obj := getattr(httpcore, name), type) and issubclass(obj, Exception)
     }
-    assert exported - set(http._HTTPCORE_TO_HTTPX) == {httpcore.ConnectionNotAvailable}
+    assert exported - set(HTTPCORE_TO_HTTPX) == {httpcore.ConnectionNotAvailable}
 
 
 def test_httpcore_extension_points_are_still_there() -> None:
