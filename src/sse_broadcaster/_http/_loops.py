@@ -10,6 +10,7 @@ other loop the closing of its own, thread-safely.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import sys
 import threading
@@ -70,7 +71,10 @@ class _AsyncioLoop(_Loop):
         if loop is None:
             return False
         try:
-            loop.call_soon_threadsafe(callback)
+            # In a context of its own: by default the callback (and a task it
+            # starts) would run in a copy of the calling thread's context,
+            # where the async library in use (sniffio's variable) may be trio.
+            loop.call_soon_threadsafe(callback, context=contextvars.Context())
         except RuntimeError:  # closed
             return False
         return True
