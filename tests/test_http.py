@@ -743,6 +743,49 @@ async def test_aclose_http_clients_closes_the_client_of_every_running_loop(
     assert clients["renewed"].is_closed
 
 
+async def test_waiting_for_a_blocked_loop_can_be_cancelled_and_its_close_still_happens() -> None:
+    # The other loop blocks its thread for a while: the close handed to it
+    # waits; cancelling the call stops the wait, not the close.
+    ready = threading.Event()
+    unblock = threading.Event()
+    clients: list[httpx.AsyncClient] = []
+    errors: list[BaseException] = []
+
+    async with serve(delayed(0)) as server:
+
+        async def blocked_loop() -> None:
+            client = get_http_client()
+            clients.append(client)
+            assert (await client.get(server.url())).status_code == 200
+            ready.set()
+            unblock.wait(10)  # blocks this event loop, on purpose
+            with anyio.fail_after(10):
+                while not client.is_closed:
+                    await anyio.sleep(0.01)
+
+        def run() -> None:
+            try:
+                anyio.run(blocked_loop, backend="asyncio")
+            except BaseException as exc:
+                errors.append(exc)
+                ready.set()
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            await anyio.to_thread.run_sync(ready.wait, 10)
+            with anyio.move_on_after(0.5) as scope:
+                await aclose_http_clients()
+            assert scope.cancelled_caught
+            assert not clients[0].is_closed
+        finally:
+            unblock.set()
+            await anyio.to_thread.run_sync(thread.join, 30)
+        assert not errors, errors
+        assert clients[0].is_closed
+        await server.wait_open(0)
+
+
 def test_client_of_an_ended_loop_is_forgotten() -> None:
     # An asyncio loop that was closed (here still referenced, so its entry
     # stays) with its shared client open: nothing can run that client's close

@@ -52,6 +52,8 @@ def is_readable(sock: socket.socket | None) -> bool:
     return bool(poller.poll(0))
 
 
+# --------------------------------------------------------------------------- asyncio streams
+
 _READ_HIGH_WATER = 256 * 1024  # bytes buffered before the socket stops being read
 
 
