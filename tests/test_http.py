@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import inspect
 import math
 import re
@@ -11,6 +13,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import weakref
 from collections import Counter as Tally
 from collections.abc import Sequence
 from typing import Any
@@ -150,18 +153,18 @@ def test_create_http_client_rejects_kwargs_that_bypass_the_config(name: str) -> 
 def test_error_table_matches_httpx_own_transport() -> None:
     # Our transport maps httpcore errors the way httpx.AsyncHTTPTransport does.
     # httpx keeps its table private: if this fails, httpx changed its mapping and
-    # sse_broadcaster.http._HTTPCORE_TO_HTTPX must follow.
+    # sse_broadcaster._http._pool.HTTPCORE_TO_HTTPX must follow.
     from httpx._transports import default as httpx_default
 
-    from sse_broadcaster import http
+    from sse_broadcaster._http._pool import HTTPCORE_TO_HTTPX
 
-    assert httpx_default._load_httpcore_exceptions() == http._HTTPCORE_TO_HTTPX
+    assert httpx_default._load_httpcore_exceptions() == HTTPCORE_TO_HTTPX
     exported = {
         obj
         for name in httpcore.__all__
         if isinstance(obj := getattr(httpcore, name), type) and issubclass(obj, Exception)
     }
-    assert exported - set(http._HTTPCORE_TO_HTTPX) == {httpcore.ConnectionNotAvailable}
+    assert exported - set(HTTPCORE_TO_HTTPX) == {httpcore.ConnectionNotAvailable}
 
 
 def test_httpcore_extension_points_are_still_there() -> None:
@@ -682,54 +685,140 @@ def test_shared_client_outside_an_event_loop_raises() -> None:
         get_http_client()
 
 
-def test_each_loop_gets_its_own_client_and_closing_one_spares_the_other() -> None:
-    # Two event loops at once, in two threads: asyncio in one, trio in the other.
-    first_done = threading.Event()
-    first_closed = threading.Event()
+async def test_aclose_http_clients_closes_the_client_of_every_running_loop(
+    anyio_backend: str,
+) -> None:
+    # This loop and another, running at once in another thread on the other
+    # backend; each has its own shared client with a connection open in its pool.
+    other_backend = {"asyncio": "trio", "trio": "asyncio"}[anyio_backend]
+    ready = threading.Event()
+    proceed = threading.Event()
     clients: dict[str, httpx.AsyncClient] = {}
-    statuses: dict[str, list[int]] = {"asyncio": [], "trio": []}
+    statuses: list[int] = []
     errors: list[BaseException] = []
 
-    async def first() -> None:
-        async with serve(delayed(0)) as server:
-            clients["asyncio"] = get_http_client()
-            statuses["asyncio"].append((await get_http_client().get(server.url())).status_code)
-            first_done.set()
-            await anyio.to_thread.run_sync(first_closed.wait, 10)
+    async with serve(delayed(0)) as server:
+
+        async def other_loop() -> None:
+            clients["other"] = client = get_http_client()
+            statuses.append((await client.get(server.url())).status_code)
+            ready.set()
+            with anyio.fail_after(10):  # closed by the other thread's call
+                while not client.is_closed:
+                    await anyio.sleep(0.01)
+            await anyio.to_thread.run_sync(proceed.wait, 10)
+            clients["renewed"] = renewed = get_http_client()
+            assert renewed is not client
+            statuses.append((await renewed.get(server.url())).status_code)
             await aclose_http_clients()
 
-    async def second() -> None:
-        async with serve(delayed(0)) as server:
-            await anyio.to_thread.run_sync(first_done.wait, 10)
-            clients["trio"] = get_http_client()
-            statuses["trio"].append((await get_http_client().get(server.url())).status_code)
-            first_closed.set()
-            await anyio.sleep(0.1)  # meanwhile the asyncio loop closes its client
-            while not clients["asyncio"].is_closed:
-                await anyio.sleep(0.01)
-            assert get_http_client() is clients["trio"]
-            statuses["trio"].append((await get_http_client().get(server.url())).status_code)
-            await aclose_http_clients()
+        def run() -> None:
+            try:
+                anyio.run(other_loop, backend=other_backend)
+            except BaseException as exc:
+                errors.append(exc)
+                ready.set()
 
-    def run(fn: Any, backend: str) -> None:
-        try:
-            anyio.run(fn, backend=backend)
-        except BaseException as exc:
-            errors.append(exc)
-            first_done.set()
-            first_closed.set()
-
-    threads = [
-        threading.Thread(target=run, args=(first, "asyncio")),
-        threading.Thread(target=run, args=(second, "trio")),
-    ]
-    for thread in threads:
+        own = get_http_client()
+        assert (await own.get(server.url())).status_code == 200
+        thread = threading.Thread(target=run)
         thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert not any(thread.is_alive() for thread in threads)
+        try:
+            await anyio.to_thread.run_sync(ready.wait, 10)
+            assert not errors, errors
+            assert clients["other"] is not own
+            await server.wait_open(2)
+            await aclose_http_clients()
+            # Both are closed when the call returns, each on its own loop, and
+            # so are the connections of both pools.
+            assert own.is_closed
+            assert clients["other"].is_closed
+            await server.wait_open(0)
+        finally:
+            proceed.set()
+            await anyio.to_thread.run_sync(thread.join, 30)
+    assert not thread.is_alive()
     assert not errors, errors
-    assert clients["asyncio"] is not clients["trio"]
-    assert clients["asyncio"].is_closed
-    assert clients["trio"].is_closed
-    assert statuses == {"asyncio": [200], "trio": [200, 200]}
+    assert statuses == [200, 200]
+    assert clients["renewed"].is_closed
+
+
+async def test_waiting_for_a_blocked_loop_can_be_cancelled_and_its_close_still_happens() -> None:
+    # The other loop blocks its thread for a while: the close handed to it
+    # waits; cancelling the call stops the wait, not the close.
+    ready = threading.Event()
+    unblock = threading.Event()
+    clients: list[httpx.AsyncClient] = []
+    errors: list[BaseException] = []
+
+    async with serve(delayed(0)) as server:
+
+        async def blocked_loop() -> None:
+            client = get_http_client()
+            clients.append(client)
+            assert (await client.get(server.url())).status_code == 200
+            ready.set()
+            unblock.wait(10)  # blocks this event loop, on purpose
+            with anyio.fail_after(10):
+                while not client.is_closed:
+                    await anyio.sleep(0.01)
+
+        def run() -> None:
+            try:
+                anyio.run(blocked_loop, backend="asyncio")
+            except BaseException as exc:
+                errors.append(exc)
+                ready.set()
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            await anyio.to_thread.run_sync(ready.wait, 10)
+            with anyio.move_on_after(0.5) as scope:
+                await aclose_http_clients()
+            assert scope.cancelled_caught
+            assert not clients[0].is_closed
+        finally:
+            unblock.set()
+            await anyio.to_thread.run_sync(thread.join, 30)
+        assert not errors, errors
+        assert clients[0].is_closed
+        await server.wait_open(0)
+
+
+def test_client_of_an_ended_loop_is_forgotten() -> None:
+    # An asyncio loop that was closed (here still referenced, so its entry
+    # stays) with its shared client open: nothing can run that client's close
+    # any more, so the next aclose_http_clients, on another loop, drops it.
+    async def take() -> weakref.ref[httpx.AsyncClient]:
+        return weakref.ref(get_http_client())
+
+    loop = asyncio.new_event_loop()
+    try:
+        ref = loop.run_until_complete(take())
+    finally:
+        loop.close()
+    assert ref() is not None
+    anyio.run(aclose_http_clients, backend="trio")
+    gc.collect()
+    assert ref() is None
+    assert loop.is_closed()  # the loop itself is still there
+
+
+def test_client_of_an_idle_asyncio_loop_is_kept_until_that_loop_runs() -> None:
+    # An asyncio loop between two run_until_complete calls runs nothing: its
+    # client cannot be closed from another loop, and is closed by a call made
+    # on it later.
+    async def take() -> httpx.AsyncClient:
+        return get_http_client()
+
+    loop = asyncio.new_event_loop()
+    try:
+        client = loop.run_until_complete(take())
+        anyio.run(aclose_http_clients, backend="trio")
+        assert not client.is_closed
+        assert loop.run_until_complete(take()) is client
+        loop.run_until_complete(aclose_http_clients())
+        assert client.is_closed
+    finally:
+        loop.close()

@@ -1,32 +1,11 @@
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
 
 from ._types import OverflowPolicy
+from ._validation import check_int, check_positive
 
 __all__ = ["BroadcasterConfig"]
-
-
-def _check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        kind = "an int or None" if optional else "an int"
-        raise TypeError(f"{name} must be {kind}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-
-
-def _check_seconds(name: str, value: Any, *, optional: bool = False, unit: str = "seconds") -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        kind = f"a number of {unit} or None" if optional else f"a number of {unit}"
-        raise TypeError(f"{name} must be {kind}, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,15 +56,15 @@ class BroadcasterConfig:
     """Seconds the adapters wait for a client's socket to accept a write."""
 
     def __post_init__(self) -> None:
-        _check_int("max_queue_size", self.max_queue_size, 1)
-        _check_int("max_history_per_session", self.max_history_per_session, 0)
-        _check_seconds("event_ttl", self.event_ttl, optional=True)
-        _check_seconds("session_ttl", self.session_ttl)
-        _check_seconds("cleanup_interval", self.cleanup_interval)
+        check_int("max_queue_size", self.max_queue_size, 1)
+        check_int("max_history_per_session", self.max_history_per_session, 0)
+        check_positive("event_ttl", self.event_ttl, optional=True)
+        check_positive("session_ttl", self.session_ttl)
+        check_positive("cleanup_interval", self.cleanup_interval)
         if not isinstance(self.enable_metrics, bool):
             raise TypeError(f"enable_metrics must be a bool, got {self.enable_metrics!r}")
-        _check_seconds("memory_warning_threshold_mb", self.memory_warning_threshold_mb, unit="MB")
-        _check_seconds("memory_critical_threshold_mb", self.memory_critical_threshold_mb, unit="MB")
+        check_positive("memory_warning_threshold_mb", self.memory_warning_threshold_mb, unit="MB")
+        check_positive("memory_critical_threshold_mb", self.memory_critical_threshold_mb, unit="MB")
         if self.memory_critical_threshold_mb < self.memory_warning_threshold_mb:
             raise ValueError(
                 "memory_critical_threshold_mb must be >= memory_warning_threshold_mb "
@@ -99,23 +78,21 @@ class BroadcasterConfig:
                 f"overflow_policy must be one of {choices}, got {self.overflow_policy!r}"
             ) from None
         object.__setattr__(self, "overflow_policy", policy)
-        _check_seconds("keepalive_interval", self.keepalive_interval)
-        _check_int("retry_ms", self.retry_ms, 0, optional=True)
-        _check_int("max_sessions", self.max_sessions, 1, optional=True)
-        _check_int(
-            "max_subscribers_per_session", self.max_subscribers_per_session, 1, optional=True
-        )
-        _check_int("max_event_bytes", self.max_event_bytes, 64)
-        _check_int("max_queue_bytes", self.max_queue_bytes, 1)
+        check_positive("keepalive_interval", self.keepalive_interval)
+        check_int("retry_ms", self.retry_ms, 0, optional=True)
+        check_int("max_sessions", self.max_sessions, 1, optional=True)
+        check_int("max_subscribers_per_session", self.max_subscribers_per_session, 1, optional=True)
+        check_int("max_event_bytes", self.max_event_bytes, 64)
+        check_int("max_queue_bytes", self.max_queue_bytes, 1)
         if self.max_queue_bytes < self.max_event_bytes:
             raise ValueError(
                 f"max_queue_bytes must be >= max_event_bytes ({self.max_event_bytes!r}) so that "
                 f"every accepted event fits in a queue, got {self.max_queue_bytes!r}"
             )
-        _check_int("max_history_bytes", self.max_history_bytes, 1, optional=True)
+        check_int("max_history_bytes", self.max_history_bytes, 1, optional=True)
         if self.max_history_bytes is not None and self.max_history_bytes < self.max_event_bytes:
             raise ValueError(
                 f"max_history_bytes must be None or >= max_event_bytes ({self.max_event_bytes!r}) "
                 f"so that history can hold an event, got {self.max_history_bytes!r}"
             )
-        _check_seconds("send_timeout", self.send_timeout)
+        check_positive("send_timeout", self.send_timeout)

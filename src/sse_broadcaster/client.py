@@ -24,7 +24,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import logging
-import math
 import random
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -38,6 +37,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from typing_extensions import Self
 
 from ._errors import BroadcasterError
+from ._validation import check_minimum
 from .http import get_http_client
 
 __all__ = [
@@ -217,13 +217,6 @@ def _backoff(
     return delay * (1.0 - jitter * random())
 
 
-def _check_seconds(name: str, value: float, *, minimum: float = 0.0) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-
-
 _Item = ServerSentEvent | BaseException
 
 
@@ -281,10 +274,10 @@ class EventSource:
         max_retries: int | None = None,
         max_event_size: int | None = 16 * 1024 * 1024,
     ) -> None:
-        _check_seconds("reconnect_delay", reconnect_delay)
-        _check_seconds("max_reconnect_delay", max_reconnect_delay)
-        _check_seconds("backoff_multiplier", backoff_multiplier, minimum=1.0)
-        _check_seconds("jitter", jitter)
+        check_minimum("reconnect_delay", reconnect_delay, 0.0)
+        check_minimum("max_reconnect_delay", max_reconnect_delay, 0.0)
+        check_minimum("backoff_multiplier", backoff_multiplier, 1.0)
+        check_minimum("jitter", jitter, 0.0)
         if jitter > 1:
             raise ValueError(f"jitter must be <= 1, got {jitter!r}")
         if max_retries is not None and (isinstance(max_retries, bool) or max_retries < 0):
