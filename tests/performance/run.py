@@ -602,7 +602,10 @@ def main() -> None:
             if name == "load_test":
                 load_test(mode)
             elif name == "fanout" and not available("encode"):
-                print("--- fanout: skipped, encode/broadcaster is not installed (pip install -r requirements/bench.txt)")
+                print(
+                    "--- fanout: skipped, encode/broadcaster is not installed"
+                    " (pip install -r requirements/bench.txt)"
+                )
             else:
                 run_script(name, mode)
         if mode != "smoke":
