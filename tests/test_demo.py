@@ -364,7 +364,10 @@ DEEP = 60_000  # the JSON parser's recursion runs out far sooner; the body is 12
         pytest.param(_json("null"), 400, "got null", id="json-null"),
         pytest.param(_json("42"), 400, "got a number", id="json-number"),
         pytest.param(
-            {"content": b'{"data": 1}', "headers": {"content-type": "application/json; charset=latin-1"}},
+            {
+                "content": b'{"data": 1}',
+                "headers": {"content-type": "application/json; charset=latin-1"},
+            },
             415,
             "charset 'latin-1' is not supported: send UTF-8",
             id="json-charset-latin-1",
@@ -457,9 +460,7 @@ async def test_publish_hostile_body(
 @pytest.mark.parametrize(
     ("body", "data"),
     [
-        pytest.param(
-            '{"data": ' + "[" * 63 + "]" * 63 + "}", "[" * 63 + "]" * 63, id="depth-64"
-        ),
+        pytest.param('{"data": ' + "[" * 63 + "]" * 63 + "}", "[" * 63 + "]" * 63, id="depth-64"),
         pytest.param(
             '{"data": "' + "[" * 5000 + '{"}', "[" * 5000 + "{", id="brackets-in-a-string"
         ),
