@@ -458,6 +458,46 @@ async def test_publish_hostile_body(
 
 
 @pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        pytest.param(
+            _json('{"data": 1, "' + "k" * 20_000 + '": 2}'),
+            "unknown field(s) 'kkkk",
+            id="long-unknown-field",
+        ),
+        pytest.param(
+            _json("{" + ", ".join(f'"f{n}": {n}' for n in range(2000)) + ', "data": 1}'),
+            "unknown field(s) 'f0', 'f1', 'f10', 'f100', 'f1000', ...: use data, event",
+            id="many-unknown-fields",
+        ),
+        pytest.param(
+            _json('{"data": {"' + "k" * 20_000 + '": 1, "' + "k" * 20_000 + '": 2}}'),
+            "JSON body has the key 'kkkk",
+            id="long-duplicate-key",
+        ),
+        pytest.param(
+            _json('{"data": 1, "event": [' + "1," * 20_000 + "1]}"),
+            "field 'event' must be a string or null, got [1, 1,",
+            id="long-event-value",
+        ),
+        pytest.param(
+            {"content": b"x", "headers": {"content-type": "text/" + "x" * 5000}},
+            "unsupported content type 'text/xxx",
+            id="long-content-type",
+        ),
+    ],
+)
+async def test_error_messages_echo_little(
+    default_client: httpx.AsyncClient, kwargs: dict[str, object], message: str
+) -> None:
+    answer = await default_client.post("/publish/r", **kwargs)  # type: ignore[arg-type]
+    assert 400 <= answer.status_code < 500, answer.text[:300]
+    error = answer.json()["error"]
+    assert message in error, error
+    assert len(error) < 300, error
+
+
+@pytest.mark.parametrize(
     ("body", "data"),
     [
         pytest.param('{"data": ' + "[" * 63 + "]" * 63 + "}", "[" * 63 + "]" * 63, id="depth-64"),

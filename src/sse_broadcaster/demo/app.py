@@ -109,6 +109,12 @@ class _BadRequest(Exception):
         self.message = message
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    """`value`'s repr, cut short: error messages echo what a client sent, not all of it."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -140,7 +146,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):
-            raise _BadRequest(400, f"invalid Content-Length header: {declared[:40]!r}")
+            raise _BadRequest(400, f"invalid Content-Length header: {_shown(declared)}")
         # Checked by length first: int() of thousands of digits is slow, then refused.
         if len(declared) > 18 or int(declared) > limit:
             raise _BadRequest(413, f"request body is larger than {limit} bytes")
@@ -200,7 +206,7 @@ def _json_int(text: str) -> int:
 def _json_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise _BadRequest(400, f"JSON body has a number out of range: {text[:40]!r}")
+        raise _BadRequest(400, f"JSON body has a number out of range: {_shown(text)}")
     return value
 
 
@@ -216,7 +222,7 @@ def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise _BadRequest(400, f"JSON body has the key {key!r} twice in one object")
+                raise _BadRequest(400, f"JSON body has the key {_shown(key)} twice in one object")
             seen.add(key)
     return obj
 
@@ -260,7 +266,7 @@ def _parse_form(body: bytes) -> Mapping[str, str]:
         seen: set[str] = set()
         for name, _ in pairs:
             if name in seen:
-                raise _BadRequest(400, f"form field {name!r} given more than once")
+                raise _BadRequest(400, f"form field {_shown(name)} given more than once")
             seen.add(name)
     return fields
 
@@ -273,7 +279,7 @@ def _parse_publish(content_type: str, body: bytes) -> tuple[Any, str | None]:
         name, _, value = param.partition("=")
         charset = value.strip().strip('"')
         if name.strip().lower() == "charset" and charset.lower() not in ("utf-8", "utf8"):
-            raise _BadRequest(415, f"charset {charset!r} is not supported: send UTF-8")
+            raise _BadRequest(415, f"charset {_shown(charset)} is not supported: send UTF-8")
     fields: Mapping[str, Any]
     if media_type == "application/json" or media_type.endswith("+json"):
         fields = _parse_json(body)
@@ -282,25 +288,26 @@ def _parse_publish(content_type: str, body: bytes) -> tuple[Any, str | None]:
     else:
         shown = media_type or "no Content-Type"
         raise _BadRequest(
-            415, f"unsupported content type {shown!r}: send application/json or {_FORM}"
+            415, f"unsupported content type {_shown(shown)}: send application/json or {_FORM}"
         )
     unknown = sorted(set(fields) - _PUBLISH_FIELDS)
     if unknown:
-        raise _BadRequest(400, f"unknown field(s) {', '.join(map(repr, unknown))}: use data, event")
+        names = ", ".join(map(_shown, unknown[:5])) + (", ..." if len(unknown) > 5 else "")
+        raise _BadRequest(400, f"unknown field(s) {names}: use data, event")
     if "data" not in fields:
         raise _BadRequest(400, "missing field 'data'")
     event = fields.get("event")
     if event == "":
         event = None
     if event is not None and not isinstance(event, str):
-        raise _BadRequest(400, f"field 'event' must be a string or null, got {event!r}"[:200])
+        raise _BadRequest(400, f"field 'event' must be a string or null, got {_shown(event)}")
     if event is not None:
         try:
             event.encode("utf-8")
         except UnicodeEncodeError:
             # A JSON escape such as "\ud800" decodes to half a character.
             raise _BadRequest(
-                400, f"field 'event' is not valid Unicode (a lone surrogate): {event[:40]!r}"
+                400, f"field 'event' is not valid Unicode (a lone surrogate): {_shown(event)}"
             ) from None
     return fields["data"], event
 
@@ -344,18 +351,18 @@ def _cross_origin(method: str, headers: Headers) -> str | None:
     refused = f"cross-origin {method} refused"
     site = headers.get("sec-fetch-site")
     if site is not None and site.lower() not in ("same-origin", "none"):
-        return f"{refused}: Sec-Fetch-Site is {site!r}; {_SAME_ORIGIN_ONLY}"
+        return f"{refused}: Sec-Fetch-Site is {_shown(site)}; {_SAME_ORIGIN_ONLY}"
     host = headers.get("host")
     for name in ("origin", "referer"):
         values = headers.getlist(name)
         if not values:
             continue
         for value in values:
-            shown = f"{name.title()} {value[:200]!r}"
+            shown = f"{name.title()} {_shown(value)}"
             if host is None:
                 return f"{refused}: {shown} and no Host header to compare it with"
             if not _same_origin(value, host):
-                mismatch = f"{shown} is not this server's (Host: {host[:200]!r})"
+                mismatch = f"{shown} is not this server's (Host: {_shown(host)})"
                 return f"{refused}: {mismatch}; {_SAME_ORIGIN_ONLY}"
         return None  # Referer is looked at only when Origin is absent
     return None
