@@ -227,3 +227,60 @@ async def test_lost_history_shows_the_gap_notice(browser: Any) -> None:
         await client.post("/publish/lobby", json={"data": "after"})
         await _wait_for(page, "window.demo.receivedIds.length >= 3")
         await page.close()
+
+
+async def test_a_page_on_another_site_cannot_publish_or_end_streams(browser: Any) -> None:
+    # A page elsewhere that posts forms to the demo, as a hostile site would:
+    # a form post is a "simple" request, sent cross-origin with no CORS preflight.
+    config = BroadcasterConfig(retry_ms=200, keepalive_interval=5.0)
+    async with (
+        serve_demo(config, ticker_interval=None) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        evil = (
+            "<!doctype html><title>evil</title>"
+            f'<form id="publish" method="post" action="{url}/publish/victim">'
+            '<input name="data" value="pwned"></form>'
+            f'<form id="drop" method="post" action="{url}/admin/drop-streams/lobby"></form>'
+        )
+        page = await browser.new_page()
+        await page.route(
+            "http://evil.example/",
+            lambda route: route.fulfill(body=evil, content_type="text/html"),
+        )
+        sent: list[dict[str, str]] = []
+
+        async def on_request(request: Any) -> None:
+            if request.method == "POST":
+                sent.append(await request.all_headers())
+
+        page.on("request", on_request)
+        # A stream on the demo, which the second form tries to end.
+        async with client.stream("GET", "/events/lobby") as stream:
+            lines = stream.aiter_lines()
+            assert (await anext(lines)).startswith("retry:")
+            answers: list[tuple[int, str]] = []
+            for form in ("publish", "drop"):
+                await page.goto("http://evil.example/")
+                async with page.expect_navigation() as navigation:
+                    await page.evaluate(f"document.getElementById('{form}').submit()")
+                response = await navigation.value
+                answers.append((response.status, await page.text_content("body") or ""))
+            # The stream is still open: an event published now arrives on it.
+            marker = await client.post("/publish/lobby", json={"data": "still open"})
+            assert marker.status_code == 200
+            received = None
+            with anyio.fail_after(10):
+                async for line in lines:
+                    if line.startswith("data:"):
+                        received = line
+                        break
+            assert received == "data: still open", "the stream was ended"
+        # Chromium's own headers reached the server, which refused both posts.
+        assert [h.get("origin") for h in sent] == ["http://evil.example"] * 2, sent
+        for status, text in answers:
+            assert status == 403, text
+            assert "cross-origin POST refused" in text, text
+        closed = await client.post("/admin/close/victim")
+        assert closed.json() == {"room": "victim", "existed": False}
+        await page.close()
