@@ -426,6 +426,8 @@ async def test_stats_and_metrics_endpoints(served: Served) -> None:
     ):
         assert f"sse_broadcaster_{name}" in samples
     assert "# TYPE sse_broadcaster_events_published_total counter" in metrics.text
+    for name in ("process_resident_memory_bytes", "memory_estimate_bytes"):
+        assert samples[f"sse_broadcaster_{name}"].isdigit()  # whole bytes
 
 
 # -- imports -------------------------------------------------------------------------------------
