@@ -96,7 +96,7 @@ async def test_no_retry_line_when_retry_ms_is_none(adapter: str) -> None:
         serve_adapter(adapter, broadcaster) as served,
         open_raw(served.base_url, "/events/room") as raw,
     ):
-        await wait_for(lambda: broadcaster.has_subscribers("room"))
+        await wait_for(lambda: broadcaster.subscriber_count("room") > 0)
         event = await broadcaster.publish("room", "hello")
         first = await raw.read_chunk()
     assert first == event.encode()
@@ -110,7 +110,7 @@ async def test_live_events_round_trip(served: Served) -> None:
             result.extend(await events(client, served.url("/events/room"), 3))
 
         tg.start_soon(read)
-        await wait_for(lambda: served.broadcaster.has_subscribers("room"))
+        await wait_for(lambda: served.broadcaster.subscriber_count("room") > 0)
         published = [
             await served.broadcaster.publish("room", {"n": 1}),
             await served.broadcaster.publish("room", "two\nlines\r\nhere", event="chat"),
@@ -287,7 +287,7 @@ async def test_slow_subscriber_ends_cleanly_and_resumes_without_loss(adapter: st
         last_id: str | None = None
         async with aconnect_sse(c, "GET", url) as source:
             stream = source.aiter_sse()
-            await wait_for(lambda: broadcaster.has_subscribers("room"))
+            await wait_for(lambda: broadcaster.subscriber_count("room") > 0)
             published = [await broadcaster.publish("room", f"e{i}") for i in range(50)]
             received += [sse async for sse in stream if sse.data]  # ends cleanly
         assert broadcaster.stats()["slowSubscriberDisconnects"] == 1
@@ -401,7 +401,7 @@ async def test_stream_ends_when_the_broadcaster_ends_it(served: Served, how: str
 async def test_stats_and_metrics_endpoints(served: Served) -> None:
     await served.broadcaster.publish("room", "x")
     async with httpx.AsyncClient(timeout=5) as client, open_raw(served.base_url, "/events/room"):
-        await wait_for(lambda: served.broadcaster.has_subscribers("room"))
+        await wait_for(lambda: served.broadcaster.subscriber_count("room") > 0)
         stats = (await client.get(served.url("/stats"))).json()
         metrics = await client.get(served.url("/metrics"))
     assert stats["totalSessions"] == 1
@@ -426,6 +426,8 @@ async def test_stats_and_metrics_endpoints(served: Served) -> None:
     ):
         assert f"sse_broadcaster_{name}" in samples
     assert "# TYPE sse_broadcaster_events_published_total counter" in metrics.text
+    for name in ("process_resident_memory_bytes", "memory_estimate_bytes"):
+        assert samples[f"sse_broadcaster_{name}"].isdigit()  # whole bytes
 
 
 # -- imports -------------------------------------------------------------------------------------

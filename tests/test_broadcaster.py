@@ -14,6 +14,7 @@ import anyio.lowlevel
 import pytest
 
 from sse_broadcaster import (
+    BackendUnavailableError,
     BroadcasterClosedError,
     BroadcasterConfig,
     BroadcasterError,
@@ -22,7 +23,9 @@ from sse_broadcaster import (
     EventTooLargeError,
     SessionLimitError,
     SubscriberLimitError,
+    check_session_id,
 )
+from sse_broadcaster.backends import MemoryBackend
 
 pytestmark = pytest.mark.anyio
 
@@ -326,6 +329,22 @@ BAD_SESSION_IDS = [
         id="C1-NEL",
     ),
 ]
+
+
+@pytest.mark.parametrize(("session_id", "message"), BAD_SESSION_IDS)
+def test_check_session_id_names_what_is_wrong(session_id: str, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        check_session_id(session_id)
+
+
+@pytest.mark.parametrize("session_id", ["a", "x" * 256, "room-1/\u00e9 \U0001f600"])
+def test_check_session_id_returns_a_good_id(session_id: str) -> None:
+    assert check_session_id(session_id) is session_id
+
+
+def test_check_session_id_wants_a_str() -> None:
+    with pytest.raises(TypeError, match=r"^session_id must be a str, got bytes$"):
+        check_session_id(b"room")
 
 
 @pytest.mark.parametrize(("session_id", "message"), BAD_SESSION_IDS)
@@ -643,6 +662,148 @@ async def test_max_subscribers_per_session() -> None:
                 event = await broadcaster.publish("room", "x")
                 assert await third.receive() is event
         assert broadcaster.stats()["totalSubscribers"] == 0
+
+
+async def enter_concurrently(
+    broadcaster: EventBroadcaster, session_ids: list[str]
+) -> tuple[int, list[BaseException]]:
+    """Enter a subscription to each session at once, each in its own task.
+
+    Every admitted subscription stays open until every entry has been decided,
+    so that none makes room for another. Returns (admitted, errors).
+    """
+    admitted = 0
+    errors: list[BaseException] = []
+    decided = anyio.Event()
+
+    async def enter(session_id: str) -> None:
+        nonlocal admitted
+        try:
+            async with broadcaster.subscribe(session_id):
+                admitted += 1
+                if admitted + len(errors) == len(session_ids):
+                    decided.set()
+                await decided.wait()
+        except BroadcasterError as exc:
+            errors.append(exc)
+            if admitted + len(errors) == len(session_ids):
+                decided.set()
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            for session_id in session_ids:
+                tg.start_soon(enter, session_id)
+    return admitted, errors
+
+
+class _YieldingBackend(MemoryBackend):
+    """A MemoryBackend whose attach awaits first, as a shared backend's (Redis) does."""
+
+    def __init__(self, fail: str | None = None) -> None:
+        super().__init__()
+        self.fail = fail
+
+    async def attach(self, session_id: str, last_event_id: str | None, register: Any) -> Any:
+        await anyio.sleep(0.01)
+        if self.fail == "before-register":
+            raise BackendUnavailableError("attach failed")
+        if self.fail == "after-register":
+            register()
+            raise BackendUnavailableError("attach failed after register")
+        return await super().attach(session_id, last_event_id, register)
+
+
+def assert_nothing_held(broadcaster: EventBroadcaster, *session_ids: str) -> None:
+    assert broadcaster.stats()["totalSubscribers"] == 0
+    for session_id in session_ids:
+        assert broadcaster.subscriber_count(session_id) == 0
+    assert broadcaster._hub.entering() == 0
+
+
+@pytest.mark.parametrize("backend", ["memory", "yielding"])
+async def test_max_subscribers_per_session_holds_under_concurrent_entries(backend: str) -> None:
+    # #10.3: the limit was checked before the backend's attach awaited, so with
+    # one that awaits (Redis) 50 concurrent entries were all admitted.
+    config = BroadcasterConfig(max_subscribers_per_session=5)
+    chosen = MemoryBackend() if backend == "memory" else _YieldingBackend()
+    async with EventBroadcaster(config, backend=chosen) as broadcaster:
+        admitted, errors = await enter_concurrently(broadcaster, ["room"] * 50)
+        assert admitted == 5
+        assert len(errors) == 45
+        assert all(isinstance(e, SubscriberLimitError) for e in errors), errors
+        assert "max_subscribers_per_session=5 reached" in str(errors[0])
+        assert_nothing_held(broadcaster, "room")
+        # The slots are free again.
+        admitted, errors = await enter_concurrently(broadcaster, ["room"] * 5)
+        assert (admitted, errors) == (5, [])
+        assert_nothing_held(broadcaster, "room")
+
+
+async def test_the_limit_message_counts_subscriptions_still_entering() -> None:
+    config = BroadcasterConfig(max_subscribers_per_session=2)
+    async with EventBroadcaster(config, backend=_YieldingBackend()) as broadcaster:
+        _, errors = await enter_concurrently(broadcaster, ["room"] * 3)
+        assert [str(e) for e in errors] == [
+            "session 'room' has 0 subscribers and 2 entering: max_subscribers_per_session=2 reached"
+        ]
+
+
+@pytest.mark.parametrize("fail", ["before-register", "after-register"])
+async def test_a_failed_entry_gives_its_slot_back(fail: str) -> None:
+    backend = _YieldingBackend(fail)
+    config = BroadcasterConfig(max_subscribers_per_session=5)
+    async with EventBroadcaster(config, backend=backend) as broadcaster:
+        _, errors = await enter_concurrently(broadcaster, ["room"] * 10)
+        assert len(errors) == 10
+        assert sum(isinstance(e, BackendUnavailableError) for e in errors) == 5
+        assert sum(isinstance(e, SubscriberLimitError) for e in errors) == 5
+        assert_nothing_held(broadcaster, "room")
+        backend.fail = None
+        admitted, errors = await enter_concurrently(broadcaster, ["room"] * 10)
+        assert (admitted, len(errors)) == (5, 5)
+        assert_nothing_held(broadcaster, "room")
+
+
+@pytest.mark.parametrize("backend", ["memory", "yielding"])
+async def test_max_sessions_holds_under_concurrent_entries(backend: str) -> None:
+    config = BroadcasterConfig(max_sessions=5)
+    chosen = MemoryBackend() if backend == "memory" else _YieldingBackend()
+    async with EventBroadcaster(config, backend=chosen) as broadcaster:
+        admitted, errors = await enter_concurrently(broadcaster, [f"s{i}" for i in range(50)])
+        assert admitted == 5
+        assert len(errors) == 45
+        assert all(isinstance(e, SessionLimitError) for e in errors), errors
+        assert broadcaster.stats()["totalSessions"] == 5
+        assert_nothing_held(broadcaster, *(f"s{i}" for i in range(50)))
+
+
+async def test_subscriber_count() -> None:
+    async with EventBroadcaster() as broadcaster:
+        assert broadcaster.subscriber_count("room") == 0
+        async with broadcaster.subscribe("room"), broadcaster.subscribe("room"):
+            assert broadcaster.subscriber_count("room") == 2
+            assert broadcaster.subscriber_count("other") == 0
+        assert broadcaster.subscriber_count("room") == 0
+
+
+async def test_disconnect_subscribers_keeps_history_so_clients_resume() -> None:
+    async with EventBroadcaster() as broadcaster:
+        assert broadcaster.disconnect_subscribers("room") == 0
+        first = await broadcaster.publish("room", "1")
+        async with broadcaster.subscribe("room") as a, broadcaster.subscribe("room") as b:
+            queued = await broadcaster.publish("room", "2")
+            assert broadcaster.disconnect_subscribers("room") == 2
+            assert broadcaster.subscriber_count("room") == 0
+            assert [e async for e in a] == [queued]  # what was queued, then the end
+            assert [e async for e in b] == [queued]
+        later = await broadcaster.publish("room", "3")
+        async with broadcaster.subscribe("room", last_event_id=first.id) as resumed:
+            assert not resumed.gap
+            assert [e.data for e in resumed.drain_nowait()] == ["2", "3"]
+            assert resumed.drain_nowait() == []
+        assert later.data == "3"
+        with pytest.raises(ValueError, match="session_id must not be empty"):
+            broadcaster.disconnect_subscribers("")
 
 
 # -- stats -------------------------------------------------------------------------------------

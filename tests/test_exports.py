@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,7 +56,30 @@ def test_design_names_are_exported() -> None:
         "SlowSubscriberError",
         "EventTooLargeError",
         "BackendUnavailableError",
+        "check_session_id",
     } <= set(sse_broadcaster.__all__)
+
+
+def test_check_session_id_is_the_package_s() -> None:
+    assert sse_broadcaster.check_session_id.__module__ == "sse_broadcaster"
+    assert sse_broadcaster.check_session_id("room-1") == "room-1"
+
+
+def test_the_hub_is_not_public() -> None:
+    # Backends get a private hub (#11.3): its calls are not on EventBroadcaster.
+    for name in ("deliver", "end_session", "has_subscribers"):
+        assert not hasattr(EventBroadcaster, name)
+
+
+@pytest.mark.parametrize("module", ["_subscription.py", "_hub.py", "_metrics.py"])
+def test_no_module_under_the_broadcaster_imports_it(module: str) -> None:
+    source = (Path(sse_broadcaster.__file__).parent / module).read_text()
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom) and node.module is not None
+    }
+    assert "_broadcaster" not in imported
 
 
 @pytest.mark.parametrize(

@@ -31,9 +31,12 @@ from sse_broadcaster import (
     EventBroadcaster,
     EventTooLargeError,
     GapError,
+    SessionLimitError,
+    SubscriberLimitError,
 )
 from sse_broadcaster.redis import RedisBackend
 from tests.redis_server import RedisServer, private_redis, redis_server  # noqa: F401
+from tests.test_broadcaster import assert_nothing_held, enter_concurrently
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -382,6 +385,39 @@ async def test_close_session_ends_subscribers_everywhere(
         assert await raw.exists(f"{prefix}:s:room") == 0
         assert not await a.close_session("room")
         assert b.stats()["backend"]["followedSessions"] == 0
+
+
+async def test_max_subscribers_per_session_holds_under_concurrent_entries(
+    redis_server: str,  # noqa: F811
+    prefix: str,
+) -> None:
+    # #10.3: every entry awaited Redis between the limit check and registration,
+    # so 50 concurrent entries with a limit of 5 were all admitted.
+    config = BroadcasterConfig(max_subscribers_per_session=5)
+    async with broadcaster_on(redis_server, prefix, config) as broadcaster:
+        admitted, errors = await enter_concurrently(broadcaster, ["room"] * 50)
+        assert admitted == 5
+        assert len(errors) == 45
+        assert all(isinstance(e, SubscriberLimitError) for e in errors), errors
+        assert_nothing_held(broadcaster, "room")
+        assert broadcaster.backend.counts().sessions == 0  # no longer followed
+        admitted, errors = await enter_concurrently(broadcaster, ["room"] * 5)
+        assert (admitted, errors) == (5, [])
+        assert_nothing_held(broadcaster, "room")
+
+
+async def test_max_sessions_holds_under_concurrent_entries(
+    redis_server: str,  # noqa: F811
+    prefix: str,
+) -> None:
+    sessions = [f"s{i}" for i in range(50)]
+    async with broadcaster_on(redis_server, prefix, BroadcasterConfig(max_sessions=5)) as b:
+        admitted, errors = await enter_concurrently(b, sessions)
+        assert admitted == 5
+        assert len(errors) == 45
+        assert all(isinstance(e, SessionLimitError) for e in errors), errors
+        assert_nothing_held(b, *sessions)
+        assert b.backend.counts().sessions == 0
 
 
 # -- trims and expiry, checked in Redis --------------------------------------------------------

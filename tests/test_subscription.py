@@ -377,9 +377,9 @@ async def test_abandoned_last_subscriber_frees_its_session_for_expiry() -> None:
         ref = await _enter_and_abandon(broadcaster, "room")
         gc.collect()
         assert ref() is None
-        assert broadcaster.has_subscribers("room")
+        assert broadcaster.subscriber_count("room") == 1
         await broadcaster.cleanup()
-        assert not broadcaster.has_subscribers("room")
+        assert broadcaster.subscriber_count("room") == 0
         assert broadcaster.stats()["totalSubscribers"] == 0
 
 

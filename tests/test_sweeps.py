@@ -9,7 +9,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-import sse_broadcaster._broadcaster as broadcaster_module
+import sse_broadcaster._metrics as metrics_module
 from sse_broadcaster import BroadcasterConfig, EventBroadcaster, MemoryMetrics
 from sse_broadcaster._metrics import process_memory_mb
 
@@ -217,7 +217,7 @@ async def test_threshold_transitions(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     rss = [50.0]
-    monkeypatch.setattr(broadcaster_module, "process_memory_mb", lambda: rss[0])
+    monkeypatch.setattr(metrics_module, "process_memory_bytes", lambda: int(rss[0] * 2**20))
     calls: list[str] = []
     config = BroadcasterConfig(
         memory_warning_threshold_mb=100.0, memory_critical_threshold_mb=200.0

@@ -31,7 +31,7 @@ from ._errors import (
 from ._event import Event
 from ._metrics import MemoryMetrics
 from ._subscription import Subscription
-from ._types import OverflowPolicy
+from ._types import OverflowPolicy, check_session_id
 
 __all__ = [
     "BackendUnavailableError",
@@ -49,10 +49,11 @@ __all__ = [
     "SubscriberLimitError",
     "Subscription",
     "__version__",
+    "check_session_id",
 ]
 
 for _name in __all__:
     _obj = globals()[_name]
-    if isinstance(_obj, type) and _obj.__module__.startswith("sse_broadcaster."):
+    if getattr(_obj, "__module__", "").startswith("sse_broadcaster."):
         _obj.__module__ = "sse_broadcaster"
 del _name, _obj

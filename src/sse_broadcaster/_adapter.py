@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal
@@ -62,7 +62,6 @@ __all__ = [
     "parse_last_event_id",
     "prelude",
     "registry_for",
-    "render_metrics",
     "run_stream",
 ]
 
@@ -601,154 +600,3 @@ def _join(batch: list[Event]) -> bytes:
     if len(batch) == 1:
         return batch[0].encode()
     return b"".join([event.encode() for event in batch])
-
-
-# -- Prometheus --------------------------------------------------------------------------------
-
-_MB = 1024 * 1024
-
-# (metric name, type, help, path in stats(), scale)
-_METRICS: tuple[tuple[str, str, str, tuple[str, ...], float], ...] = (
-    ("sse_broadcaster_sessions", "gauge", "Sessions that exist now.", ("totalSessions",), 1),
-    ("sse_broadcaster_subscribers", "gauge", "Open subscriptions.", ("totalSubscribers",), 1),
-    ("sse_broadcaster_history_events", "gauge", "Events retained in history.", ("totalEvents",), 1),
-    (
-        "sse_broadcaster_events_published_total",
-        "counter",
-        "Events published.",
-        ("eventsPublished",),
-        1,
-    ),
-    (
-        "sse_broadcaster_events_delivered_total",
-        "counter",
-        "Events queued to subscribers.",
-        ("eventsDelivered",),
-        1,
-    ),
-    (
-        "sse_broadcaster_events_dropped_total",
-        "counter",
-        "Events dropped by the drop_oldest / drop_newest policies.",
-        ("eventsDropped",),
-        1,
-    ),
-    (
-        "sse_broadcaster_slow_subscriber_disconnects_total",
-        "counter",
-        "Subscribers disconnected for falling behind.",
-        ("slowSubscriberDisconnects",),
-        1,
-    ),
-    (
-        "sse_broadcaster_gaps_total",
-        "counter",
-        "Subscriptions that resumed after events were lost.",
-        ("gaps",),
-        1,
-    ),
-    (
-        "sse_broadcaster_replays_total",
-        "counter",
-        "Subscriptions that resumed from an id.",
-        ("replays",),
-        1,
-    ),
-    (
-        "sse_broadcaster_replayed_events_total",
-        "counter",
-        "Events replayed from history.",
-        ("replayedEvents",),
-        1,
-    ),
-    (
-        "sse_broadcaster_expired_events_total",
-        "counter",
-        "Events removed from history by TTL.",
-        ("cleanup", "expiredEventsCleaned"),
-        1,
-    ),
-    (
-        "sse_broadcaster_dead_queues_cleaned_total",
-        "counter",
-        "Abandoned subscriptions removed by sweeps.",
-        ("cleanup", "deadQueuesCleaned"),
-        1,
-    ),
-    (
-        "sse_broadcaster_sessions_expired_total",
-        "counter",
-        "Idle sessions expired.",
-        ("cleanup", "sessionsExpired"),
-        1,
-    ),
-    ("sse_broadcaster_cleanups_total", "counter", "Sweeps run.", ("cleanup", "cleanupCount"), 1),
-    (
-        "sse_broadcaster_process_resident_memory_bytes",
-        "gauge",
-        "Process resident set size.",
-        ("memoryUsageMB",),
-        _MB,
-    ),
-    (
-        "sse_broadcaster_memory_estimate_bytes",
-        "gauge",
-        "Estimate of the memory the broadcaster holds.",
-        ("broadcasterMemoryEstimateMB",),
-        _MB,
-    ),
-    (
-        "sse_broadcaster_backend_connected",
-        "gauge",
-        "1 when the backend is connected (shared backends only).",
-        ("backend", "connected"),
-        1,
-    ),
-    (
-        "sse_broadcaster_backend_reconnects_total",
-        "counter",
-        "Reconnections to the backend.",
-        ("backend", "reconnects"),
-        1,
-    ),
-    (
-        "sse_broadcaster_backend_recovered_events_total",
-        "counter",
-        "Events recovered from backend history after a lost connection.",
-        ("backend", "recoveredEvents"),
-        1,
-    ),
-)
-
-
-def render_metrics(stats: dict[str, Any], extra: Iterable[tuple[str, str, str, float]] = ()) -> str:
-    """`EventBroadcaster.stats` in the Prometheus text format (0.0.4).
-
-    `extra` adds ``(name, type, help, value)`` samples (the adapters' open streams).
-    Keys missing from the snapshot are left out.
-    """
-    lines: list[str] = []
-
-    def sample(name: str, kind: str, help_text: str, value: float) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        lines.append(f"{name} {_number(value)}")
-
-    for name, kind, help_text, path, scale in _METRICS:
-        value: Any = stats
-        for key in path:
-            value = value.get(key) if isinstance(value, dict) else None
-        if isinstance(value, bool):
-            value = int(value)
-        elif not isinstance(value, (int, float)):
-            continue
-        sample(name, kind, help_text, value * scale)
-    for name, kind, help_text, number in extra:
-        sample(name, kind, help_text, number)
-    return "\n".join(lines) + "\n"
-
-
-def _number(value: float) -> str:
-    if isinstance(value, int) or float(value).is_integer():
-        return str(int(value))
-    return repr(float(value))

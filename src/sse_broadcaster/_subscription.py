@@ -4,7 +4,7 @@ import weakref
 from collections import deque
 from collections.abc import Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 from typing_extensions import Self
@@ -15,7 +15,7 @@ from ._lowlevel import Parker, make_parker
 from ._types import OverflowPolicy
 
 if TYPE_CHECKING:
-    from ._broadcaster import EventBroadcaster
+    from ._config import BroadcasterConfig
 
 __all__ = ["Subscription"]
 
@@ -23,11 +23,36 @@ __all__ = ["Subscription"]
 _NEW, _OPEN, _ENDING, _CLOSED = 0, 1, 2, 3
 
 
+class _Owner(Protocol):
+    """What a subscription needs of the fan-out that feeds it (`_hub.Hub`).
+
+    A Protocol, so that this module does not import the broadcaster's.
+    """
+
+    @property
+    def config(self) -> BroadcasterConfig: ...
+
+    async def attach(self, subscription: Subscription) -> None:
+        """Join the session: replay on `Subscription._start`, then live events."""
+
+    def detach(self, subscription: Subscription) -> None:
+        """Leave the session's fan-out. Never awaits."""
+
+    async def release_session(self, session_id: str) -> None:
+        """Tell the backend when the session has no subscriber left here."""
+
+    def count_drops(self, n: int) -> None:
+        """Count events a drop policy discarded."""
+
+    def slow_subscriber(self, subscription: Subscription) -> None:
+        """Count (and log) a subscriber disconnected for falling behind."""
+
+
 class _SubscriberRef(weakref.ref["Subscription"]):
     """The broadcaster's handle on a subscription: a weak reference to it that also
     carries the producer's side of its queue.
 
-    `EventBroadcaster.deliver` appends to ``items`` without dereferencing the
+    `Hub.deliver` appends to ``items`` without dereferencing the
     subscription (the hot path of fan-out); the subscription itself is held only
     weakly, so one that is abandoned is collected, queue included.
     """
@@ -67,12 +92,12 @@ class Subscription:
     __slots__ = (
         "__weakref__",
         "_batch",
-        "_broadcaster",
         "_error",
         "_inbox",
         "_interrupted",
         "_max_bytes",
         "_max_items",
+        "_owner",
         "_parker",
         "_policy",
         "_ref",
@@ -85,11 +110,9 @@ class Subscription:
         "session_id",
     )
 
-    def __init__(
-        self, broadcaster: EventBroadcaster, session_id: str, last_event_id: str | None
-    ) -> None:
-        config = broadcaster.config
-        self._broadcaster = broadcaster
+    def __init__(self, owner: _Owner, session_id: str, last_event_id: str | None) -> None:
+        config = owner.config
+        self._owner = owner
         self.session_id = session_id
         """The session this subscription follows."""
         self.last_event_id = last_event_id
@@ -162,10 +185,10 @@ class Subscription:
             policy = self._policy
             if policy is OverflowPolicy.DROP_NEWEST:
                 self.dropped += 1
-                self._broadcaster._count_drops(1)
+                self._owner.count_drops(1)
                 return
             if policy is OverflowPolicy.DISCONNECT:
-                self._broadcaster._slow_subscriber(self)
+                self._owner.slow_subscriber(self)
                 self._end(
                     SlowSubscriberError(
                         f"subscriber of session {self.session_id!r} fell behind: its queue "
@@ -179,7 +202,7 @@ class Subscription:
                 inbox.bytes -= len(items.popleft()._wire)
                 drops += 1
             self.dropped += drops
-            self._broadcaster._count_drops(drops)
+            self._owner.count_drops(drops)
         items.append(event)
         inbox.bytes += size
         waker = inbox.waker
@@ -199,7 +222,7 @@ class Subscription:
                     self._batch.extend(inbox.items)
                 else:
                     self._batch = inbox.items
-            self._broadcaster._detach(self)
+            self._owner.detach(self)
             self._wake()
 
     def _interrupt(self) -> None:
@@ -353,7 +376,7 @@ class Subscription:
     async def __aenter__(self) -> Self:
         if self._state != _NEW:
             raise RuntimeError("a subscription can be entered only once")
-        await self._broadcaster._attach(self)
+        await self._owner.attach(self)
         return self
 
     async def __aexit__(
@@ -369,7 +392,7 @@ class Subscription:
         if self._state == _CLOSED:
             return
         self._state = _CLOSED
-        self._broadcaster._detach(self)
+        self._owner.detach(self)
         self._release()
         self._wake()
 
@@ -379,7 +402,7 @@ class Subscription:
         self.close()
         if was_attached:
             with anyio.CancelScope(shield=True):
-                await self._broadcaster._release_session(self.session_id)
+                await self._owner.release_session(self.session_id)
 
     def _release(self) -> None:
         inbox = self._inbox

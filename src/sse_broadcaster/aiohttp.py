@@ -38,7 +38,6 @@ from ._adapter import (
     parse_last_event_id,
     prelude,
     registry_for,
-    render_metrics,
     run_stream,
 )
 
@@ -167,8 +166,7 @@ def metrics_handler(broadcaster: EventBroadcaster) -> Handler:
 
     async def metrics(request: web.Request) -> web.StreamResponse:
         streams = len(registry_for(broadcaster))
-        text = render_metrics(
-            broadcaster.stats(),
+        text = broadcaster._prometheus_text(
             [("sse_broadcaster_open_streams", "gauge", "Open SSE streams.", streams)],
         )
         response = web.Response(text=text)

@@ -47,7 +47,6 @@ from ._adapter import (
     parse_last_event_id,
     prelude,
     registry_for,
-    render_metrics,
     run_stream,
 )
 
@@ -228,8 +227,7 @@ def metrics_endpoint(broadcaster: EventBroadcaster) -> Callable[[Request], Await
 
     async def metrics(request: Request) -> Response:
         streams = len(registry_for(broadcaster))
-        text = render_metrics(
-            broadcaster.stats(),
+        text = broadcaster._prometheus_text(
             [("sse_broadcaster_open_streams", "gauge", "Open SSE streams.", streams)],
         )
         return Response(text, media_type=METRICS_CONTENT_TYPE)

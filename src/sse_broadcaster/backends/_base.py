@@ -43,7 +43,11 @@ class SweepResult:
 
 
 class BackendHub(Protocol):
-    """What a backend sees of the broadcaster it serves."""
+    """What a backend sees of the broadcaster it serves.
+
+    `Backend.start` receives a private hub object of the broadcaster's, not the
+    broadcaster itself: these calls are not part of `EventBroadcaster`.
+    """
 
     @property
     def config(self) -> BroadcasterConfig: ...

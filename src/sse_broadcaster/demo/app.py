@@ -39,8 +39,8 @@ from .. import (
     EventBroadcaster,
     EventTooLargeError,
     SessionLimitError,
+    check_session_id,
 )
-from .._broadcaster import _check_session_id
 from ..starlette import lifespan, metrics_endpoint, sse_endpoint, stats_endpoint
 
 __all__ = ["DEFAULT_ROOM", "create_app", "demo_config"]
@@ -122,7 +122,7 @@ def _error(status: int, message: str) -> JSONResponse:
 def _room(request: Request) -> str:
     room: str = request.path_params["room"]
     try:
-        _check_session_id(room)
+        check_session_id(room)
     except ValueError as exc:
         raise _BadRequest(400, f"invalid room id: {exc}") from None
     return room
@@ -415,7 +415,7 @@ def create_app(
         ValueError: `room` is not a valid session id, `ticker_interval` is not
             > 0, or `max_body_bytes` is not >= 1.
     """
-    _check_session_id(room)
+    check_session_id(room)
     if ticker_interval is not None and not ticker_interval > 0:
         raise ValueError(f"ticker_interval must be > 0 or None, got {ticker_interval!r}")
     if max_body_bytes is not None and max_body_bytes < 1:
@@ -459,8 +459,7 @@ def create_app(
         # Ends the room's open streams but keeps its history: browsers reconnect
         # with Last-Event-ID and replay what they missed, with no gap.
         target = _room(request)
-        had_streams = bcast.has_subscribers(target)
-        bcast.end_session(target)
+        had_streams = bcast.disconnect_subscribers(target) > 0
         return JSONResponse({"room": target, "streamsEnded": had_streams})
 
     @_answers_bad_requests
