@@ -57,8 +57,8 @@ class Row:
     upstream: str  # proxy_http_version: "1.0" (nginx's default) or "1.1"
     buffering: str  # "off" (directive), "header" (on, X-Accel-Buffering honoured), "on"
     gzip: bool  # gzip on for text/event-stream
+    ignore: str = ""  # upstream headers ignored besides X-Accel-Buffering (buffering "on")
     extra: str = ""  # further directives, verbatim
-    note: str = ""
 
     def directives(self) -> list[str]:
         lines = [f"proxy_http_version {self.upstream};"]
@@ -68,8 +68,9 @@ class Row:
             lines.append("proxy_buffering off;")
         else:
             lines.append("proxy_buffering on;")
-            if self.buffering == "on":
-                lines.append("proxy_ignore_headers X-Accel-Buffering;")
+        ignored = [*self.ignore.split(), *(["X-Accel-Buffering"] if self.buffering == "on" else [])]
+        if ignored:
+            lines.append(f"proxy_ignore_headers {' '.join(ignored)};")
         if self.gzip:
             lines += ["gzip on;", "gzip_types text/event-stream;", "gzip_min_length 1;"]
         else:
@@ -87,8 +88,16 @@ class Row:
         }[self.buffering]
 
 
+#: A cache zone that would store the stream (its Cache-Control: no-cache ignored).
+CACHE = "proxy_cache sse; proxy_cache_valid 200 1m"
+
 ROWS: list[Row] = [
-    Row("A", "1.1", "off", False, note="the recommended config"),
+    Row(
+        "A",
+        "1.1",
+        "off",
+        False,
+    ),
     Row("B", "1.1", "off", True),
     Row("C", "1.1", "header", False),
     Row("D", "1.1", "header", True),
@@ -101,16 +110,9 @@ ROWS: list[Row] = [
     Row("K", "1.0", "on", False),
     Row("L", "1.0", "on", True),
     Row("M", "1.1", "off", False, extra="chunked_transfer_encoding off"),
-    Row(
-        "N",
-        "1.1",
-        "header",
-        False,
-        extra="proxy_cache sse; proxy_cache_valid 200 1m; "
-        "proxy_ignore_headers Cache-Control X-Accel-Buffering",
-        note="proxy_cache on (forces buffering)",
-    ),
-    Row("O", "1.1", "header", False, extra="proxy_cache sse; proxy_cache_valid 200 1m"),
+    Row("N", "1.1", "on", False, ignore="Cache-Control", extra=CACHE),
+    Row("O", "1.1", "header", False, ignore="Cache-Control", extra=CACHE),
+    Row("P", "1.0", "header", False, ignore="Cache-Control", extra=CACHE),
 ]
 
 
@@ -372,7 +374,9 @@ def main() -> None:
             row.upstream,
             row.buffering_label(),
             "on" if row.gzip else "off",
-            f"`{row.extra}`" if row.extra else "",
+            f"`{row.extra}`" + (f", ignores `{row.ignore}`" if row.ignore else "")
+            if row.extra
+            else "",
             "yes" if result["chunked"] else "no",
             result["content_encoding"] or "",
             describe(result, args.hold, args.fill_max),
