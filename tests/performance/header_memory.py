@@ -171,6 +171,10 @@ http {{
                 proc.wait()
 
 
+def size_label(n: int) -> str:
+    return f"{n / MIB:.1f} MiB" if n >= MIB else f"{n / 1024:.0f} KiB"
+
+
 def rss(pids: list[int]) -> int:
     import psutil
 
@@ -261,7 +265,7 @@ def main() -> None:
     rows = [
         [
             r["setup"],
-            f"{r['headers']} x {r['header_size']} B ({r['request_bytes'] / MIB:.1f} MiB)",
+            f"{r['headers']} x {r['header_size']} B ({size_label(r['request_bytes'])})",
             ", ".join(f"{n} x {status}" for status, n in sorted(r["statuses"].items())),
             f"{r['rss_before'] / MIB:.1f}",
             f"{r['rss_with_streams'] / MIB:.1f}",
