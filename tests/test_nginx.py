@@ -7,8 +7,10 @@ ports change) and run by a real nginx. Needs nginx: the test fails without it
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -156,3 +158,45 @@ async def test_last_event_id_reaches_the_app(proxied: str) -> None:
         ("message", ids[1], "1"),
         ("message", ids[2], "2"),
     ]
+
+
+MATRIX = Path(__file__).resolve().parent / "performance" / "nginx_matrix.py"
+# Rows of the measured table in docs/nginx.md re-run here: the directive alone (A),
+# the adapter's X-Accel-Buffering header alone (C, I), and the two ways to hold
+# events that the page warns about (F: buffering and gzip; K: buffering on an
+# HTTP/1.0 upstream).
+KEY_ROWS = ["A", "C", "F", "I", "K"]
+
+
+def _documented_verdicts() -> dict[str, str]:
+    """Row key -> "streamed" or "held", as the measured table of docs/nginx.md says."""
+    verdicts = {}
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and re.fullmatch(r"[A-Z]", cells[0]):
+            verdicts[cells[0]] = "held" if "held" in cells[-1] else "streamed"
+    return verdicts
+
+
+async def test_the_measured_table_holds(tmp_path: Path) -> None:
+    """The key rows of the page's table, measured again with real nginx and uvicorn."""
+    _nginx()
+    documented = _documented_verdicts()
+    assert set(KEY_ROWS) <= set(documented), "docs/nginx.md lost rows of its measured table"
+    out = tmp_path / "matrix.json"
+    command = [sys.executable, str(MATRIX), "--rows", ",".join(KEY_ROWS), "--hold", "1.5"]
+    with anyio.fail_after(120):
+        result = await anyio.run_process(
+            [*command, "--fill-max", "256", "--json", str(out)], check=False
+        )
+    assert result.returncode == 0, result.stderr.decode()
+    measured = {row["key"]: row for row in json.loads(out.read_text())["rows"]}
+    assert {key: measured[key]["verdict"] for key in KEY_ROWS} == {
+        key: documented[key] for key in KEY_ROWS
+    }
+    # Held means held until a buffer fills (kilobytes), not lost: more events push it out.
+    for key in KEY_ROWS:
+        if documented[key] == "held":
+            assert measured[key]["released_kib"] is not None, measured[key]
+        else:
+            assert measured[key]["ms"] < 1000, measured[key]
