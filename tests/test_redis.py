@@ -181,13 +181,13 @@ def test_frame_reader_parses_split_input(
 ) -> None:
     from redis.exceptions import NoScriptError, ResponseError
 
-    from sse_broadcaster import redis as module
+    from sse_broadcaster.redis import _frames
 
     if reader == "python":
-        monkeypatch.setattr(module, "_hiredis", None)
-    elif module._hiredis is None:  # the test extra installs it
+        monkeypatch.setattr(_frames, "_hiredis", None)
+    elif _frames._hiredis is None:  # the test extra installs it
         pytest.fail("hiredis is not installed: pip install -e '.[test]'")
-    frames = module._frame_reader()
+    frames = _frames.frame_reader()
     got: list[Any] = []
     for i in range(0, len(FRAMES), chunk):
         frames.feed(FRAMES[i : i + chunk])
@@ -210,10 +210,10 @@ def test_frame_reader_parses_split_input(
 def test_pack_matches_redis_py() -> None:
     from redis.asyncio.connection import Connection
 
-    from sse_broadcaster.redis import _pack
+    from sse_broadcaster.redis._frames import pack
 
     commands = [("EVALSHA", "ab", 1, "k", "héllo\r\n", "", 500), ("PING",)]
-    assert _pack(commands) == b"".join(Connection().pack_commands(commands))
+    assert pack(commands) == b"".join(Connection().pack_commands(commands))
 
 
 async def test_redis_py_reply_path_when_the_stream_is_not_reachable(
@@ -223,9 +223,11 @@ async def test_redis_py_reply_path_when_the_stream_is_not_reachable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A connection class without an asyncio stream: redis-py's reader is used instead."""
-    from sse_broadcaster import redis as module
+    from sse_broadcaster.redis import _follower, _pipeline
 
-    monkeypatch.setattr(module, "_stream_of", lambda conn: None)
+    # Both the publishing and the Pub/Sub connection take redis-py's reply path.
+    monkeypatch.setattr(_pipeline, "stream_of", lambda conn: None)
+    monkeypatch.setattr(_follower, "stream_of", lambda conn: None)
     async with (
         broadcaster_on(redis_server, prefix) as a,
         broadcaster_on(redis_server, prefix) as b,
@@ -616,7 +618,10 @@ def slow_reads(backend: RedisBackend, delay: float, times: int) -> list[int]:
     the delayed reads.
     """
     done = [0]
-    read, script = backend._read, backend._read_script
+    streams, follower = backend._streams, backend._follower
+    assert streams is not None
+    read, read_many = streams.read, follower._read_many
+    assert read_many is not None
 
     async def pause() -> None:
         if done[0] < times:
@@ -627,12 +632,12 @@ def slow_reads(backend: RedisBackend, delay: float, times: int) -> list[int]:
         await pause()
         return await read(*args)
 
-    async def slow_script(*args: Any, **kwargs: Any) -> Any:
+    async def slow_read_many(*args: Any) -> Any:
         await pause()
-        return await script(*args, **kwargs)
+        return await read_many(*args)
 
-    backend._read = slow_read  # type: ignore[method-assign]
-    backend._read_script = slow_script
+    streams.read = slow_read  # type: ignore[method-assign]
+    follower._read_many = slow_read_many
     return done
 
 
@@ -803,7 +808,7 @@ async def test_sweep_stops_following_sessions_without_subscribers(
         async with a.subscribe("room"):
             pass
         # As if the detach had been missed: follow a session nobody here subscribes to.
-        a.backend._follow(a, "orphan")  # type: ignore[attr-defined]
+        a.backend._follower.follow(a, "orphan")  # type: ignore[attr-defined]
         assert a.backend.counts()[0] == 1
         await a.cleanup()
         assert a.backend.counts()[0] == 0
