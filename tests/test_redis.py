@@ -618,10 +618,9 @@ def slow_reads(backend: RedisBackend, delay: float, times: int) -> list[int]:
     the delayed reads.
     """
     done = [0]
-    streams, follower = backend._streams, backend._follower
+    streams = backend._streams
     assert streams is not None
-    read, read_many = streams.read, follower._read_many
-    assert read_many is not None
+    read, read_many = streams.read, streams.read_many
 
     async def pause() -> None:
         if done[0] < times:
@@ -637,7 +636,7 @@ def slow_reads(backend: RedisBackend, delay: float, times: int) -> list[int]:
         return await read_many(*args)
 
     streams.read = slow_read  # type: ignore[method-assign]
-    follower._read_many = slow_read_many
+    streams.read_many = slow_read_many  # type: ignore[method-assign]
     return done
 
 
@@ -808,7 +807,7 @@ async def test_sweep_stops_following_sessions_without_subscribers(
         async with a.subscribe("room"):
             pass
         # As if the detach had been missed: follow a session nobody here subscribes to.
-        a.backend._follower.follow(a, "orphan")  # type: ignore[attr-defined]
+        a.backend._sessions.follow(a, "orphan")  # type: ignore[attr-defined]
         assert a.backend.counts()[0] == 1
         await a.cleanup()
         assert a.backend.counts()[0] == 0

@@ -1,6 +1,7 @@
 """`RedisBackend`: validation, life cycle and the `Backend` API.
 
-The moving parts live beside it: `_follower` (Pub/Sub and recovery),
+The moving parts live beside it: `_follower` (Pub/Sub and recovery) with
+`_sessions` (what they share),
 `_pipeline` (the publishing connection), `_scripts` (Lua scripts and the entry
 codec) and `_frames` (RESP2 packing and parsing).
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -26,6 +27,7 @@ from ..backends._base import BackendCounts, BackendHub, Replay, SweepResult
 from ._follower import Follower
 from ._pipeline import Pipeline
 from ._scripts import PROBE_ID, Streams, decode_entries, parse_id
+from ._sessions import Sessions
 
 __all__ = ["RedisBackend"]
 
@@ -150,14 +152,18 @@ class RedisBackend:
         self._pipeline_task: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self._follower = Follower(
+        self._sessions = Sessions(
             stream_prefix=self._stream_prefix,
             channel_prefix=self._channel_prefix,
+            max_buffered_messages=max_buffered_messages,
+            max_buffered_bytes=max_buffered_bytes,
+        )
+        self._follower = Follower(
+            self._sessions,
+            self._read_many,
             health_interval=self._health_interval,
             min_backoff=float(min_backoff),
             max_backoff=float(max_backoff),
-            max_buffered_messages=max_buffered_messages,
-            max_buffered_bytes=max_buffered_bytes,
         )
 
         # figures for stats()
@@ -169,7 +175,7 @@ class RedisBackend:
 
     def __repr__(self) -> str:
         state = "connected" if self._follower.connected else "disconnected"
-        sessions = len(self._follower.sessions)
+        sessions = len(self._sessions.sessions)
         return f"<RedisBackend prefix={self._prefix!r} {state} sessions={sessions}>"
 
     # -- life cycle ----------------------------------------------------------------------
@@ -230,7 +236,7 @@ class RedisBackend:
         # no task group can bracket it; the backend is asyncio-only anyway.
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(
-            self._follower.run(hub, connect, self._streams.read_many),
+            self._follower.run(hub, connect),
             name="sse_broadcaster redis reader",
         )
         self._pipeline = Pipeline(connect, self._health_interval, self._socket_timeout)
@@ -240,7 +246,7 @@ class RedisBackend:
         follower = self._follower
         with anyio.move_on_after(self._connect_timeout):
             while not follower.connected:
-                await follower.wait_changed()
+                await self._sessions.wait_changed()
         if not follower.connected:
             logger.warning(
                 "Redis is not reachable yet (%s); retrying in the background", follower.last_error
@@ -267,7 +273,7 @@ class RedisBackend:
                 await self._client.aclose()
             if self._pool is not None:
                 await self._pool.disconnect()
-        self._follower.clear()
+        self._sessions.clear()
 
     def _require_hub(self) -> BackendHub:
         if self._hub is None or self._closed:
@@ -278,6 +284,11 @@ class RedisBackend:
         hub = self._require_hub()
         assert self._streams is not None
         return hub, self._streams
+
+    async def _read_many(self, cursors: Sequence[tuple[str, str]]) -> list[Any]:
+        """The recovery's reads (`ReadStreams`)."""
+        assert self._streams is not None
+        return await self._streams.read_many(cursors)
 
     def _stream(self, session_id: str) -> str:
         return self._stream_prefix + session_id
@@ -378,11 +389,11 @@ class RedisBackend:
             ) from None
 
     async def detach(self, session_id: str) -> None:
-        live = self._follower.sessions.get(session_id)
+        live = self._sessions.sessions.get(session_id)
         hub = self._hub
         if live is None or hub is None or live.attaching or hub.has_subscribers(session_id):
             return
-        self._follower.drop(live)
+        self._sessions.drop(live)
 
     async def history(self, session_id: str, after: str | None) -> list[Event]:
         """Retained events of the session after `after` (all when None or unknown).
@@ -420,7 +431,7 @@ class RedisBackend:
             raise BackendUnavailableError(
                 f"could not close session {session_id!r}: Redis is unavailable ({exc})"
             ) from exc
-        await self._follower.wait_closed(session_id, self._socket_timeout)
+        await self._sessions.wait_closed(session_id, self._socket_timeout)
         return existed
 
     async def sweep(self) -> SweepResult:
@@ -434,13 +445,13 @@ class RedisBackend:
         hub = self._require_hub()
         if self._streams is None:
             return SweepResult()
-        follower = self._follower
+        table = self._sessions
         # Sessions followed with no local subscriber left (their subscriptions ended
         # without a detach reaching here) stop being followed.
-        for live in list(follower.sessions.values()):
+        for live in list(table.sessions.values()):
             if not live.attaching and not hub.has_subscribers(live.session_id):
-                follower.drop(live)
-        keys = [live.key for live in follower.sessions.values() if live.cursor is not None]
+                table.drop(live)
+        keys = [live.key for live in table.sessions.values() if live.cursor is not None]
         ttl_ms = max(1, math.ceil(hub.config.session_ttl * 1000))
         try:
             retained, memory = await self._streams.sweep(keys, ttl_ms)
@@ -460,29 +471,29 @@ class RedisBackend:
         sessions this process follows, as of the last sweep, and the bytes are
         this process's own bookkeeping (Redis memory is ``stats()['usedMemory']``).
         """
-        follower = self._follower
-        estimate = len(follower.sessions) * _SESSION_OVERHEAD + follower.pending_bytes
-        return BackendCounts(len(follower.sessions), self._retained_estimate, estimate)
+        table = self._sessions
+        estimate = len(table.sessions) * _SESSION_OVERHEAD + table.pending_bytes
+        return BackendCounts(len(table.sessions), self._retained_estimate, estimate)
 
     def stats(self) -> dict[str, object]:
-        follower = self._follower
+        follower, table = self._follower, self._sessions
         return {
             "type": "redis",
             "connected": follower.connected,
             "reconnects": follower.reconnects,
-            "recoveredEvents": follower.recovered,
-            "gapsSignalled": follower.live_gaps,
-            "followedSessions": len(follower.sessions),
+            "recoveredEvents": follower.recovery.recovered,
+            "gapsSignalled": follower.recovery.live_gaps,
+            "followedSessions": len(table.sessions),
             "published": self._published,
             "publishFailures": self._publish_failures,
             "messagesReceived": follower.received,
-            "duplicatesDropped": follower.duplicates,
-            "pendingMessages": follower.pending_total,
-            "pendingBytes": follower.pending_bytes,
-            "bufferOverflows": follower.overflows,
+            "duplicatesDropped": table.duplicates,
+            "pendingMessages": table.pending_total,
+            "pendingBytes": table.pending_bytes,
+            "bufferOverflows": table.overflows,
             "pendingPublishes": 0 if self._pipeline is None else self._pipeline.pending,
             "publishesRefused": self._publishes_refused,
-            "lastRecoverySeconds": follower.last_recovery,
+            "lastRecoverySeconds": follower.recovery.last,
             "usedMemory": self._redis_memory,
             "lastError": follower.last_error,
         }
