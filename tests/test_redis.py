@@ -437,6 +437,60 @@ async def test_key_expiry(redis_server: str, prefix: str, raw: aioredis.Redis) -
             assert a.stats()["totalEvents"] == 1
 
 
+async def test_sweeps_count_aged_events_and_expired_sessions(
+    redis_server: str,  # noqa: F811
+    prefix: str,
+    raw: aioredis.Redis,
+) -> None:
+    config = BroadcasterConfig(event_ttl=0.3, session_ttl=0.8)
+    async with broadcaster_on(redis_server, prefix, config) as a:
+        async with a.subscribe("room"):
+            for i in range(3):
+                await a.publish("room", str(i))
+            await anyio.sleep(0.4)
+            metrics = await a.cleanup()
+            # Trimmed from the followed stream but its last entry, which the next
+            # publish names as its predecessor (replay hides it by age).
+            assert metrics.expired_events_cleaned == 2
+            assert await raw.xlen(f"{prefix}:s:room") == 1
+            assert await a.history("room") == []
+        await a.publish("other", "x")  # published to, never followed here
+        await a.cleanup()  # no longer follows "room": its stream expires
+        assert a.stats()["cleanup"]["sessionsExpired"] == 0
+        await anyio.sleep(1.0)
+        assert await raw.exists(f"{prefix}:s:room", f"{prefix}:s:other") == 0
+        await a.cleanup()
+        cleanup = a.stats()["cleanup"]
+        assert (cleanup["expiredEventsCleaned"], cleanup["sessionsExpired"]) == (2, 2)
+        await a.cleanup()  # each expiry counts once
+        assert a.stats()["cleanup"]["sessionsExpired"] == 2
+
+
+async def test_sessions_renewed_elsewhere_or_closed_do_not_count_as_expired(
+    redis_server: str,  # noqa: F811
+    prefix: str,
+) -> None:
+    config = BroadcasterConfig(session_ttl=0.6)
+    async with (
+        broadcaster_on(redis_server, prefix, config) as a,
+        broadcaster_on(redis_server, prefix, config) as b,
+    ):
+        await a.publish("kept", "1")
+        await a.publish("closed", "1")
+        await a.close_session("closed")
+        for _ in range(4):  # "kept" stays alive through b's publishes
+            await anyio.sleep(0.3)
+            await b.publish("kept", "more")
+            await a.cleanup()
+        assert a.stats()["cleanup"]["sessionsExpired"] == 0
+        await anyio.sleep(0.8)
+        await a.cleanup()
+        await b.cleanup()
+        # Both processes kept "kept" alive, so each counts its expiry.
+        assert a.stats()["cleanup"]["sessionsExpired"] == 1
+        assert b.stats()["cleanup"]["sessionsExpired"] == 1
+
+
 async def test_stats_shape(redis_server: str, prefix: str) -> None:  # noqa: F811
     async with broadcaster_on(redis_server, prefix) as a, a.subscribe("room"):
         await a.publish("room", "1")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ from redis.exceptions import NoScriptError, RedisError
 from .._errors import BackendUnavailableError, BroadcasterClosedError, EventTooLargeError
 from .._event import Event
 from ..backends._base import BackendCounts, BackendHub, Replay, SweepResult
+from ._expiries import TRACKED_OVERHEAD, Expiries
 from ._follower import Follower
 from ._pipeline import Pipeline
 from ._scripts import PROBE_ID, Streams, decode_entries, parse_id
@@ -35,6 +37,10 @@ logger = logging.getLogger("sse_broadcaster")
 
 # Rough per-session cost of this process's share (the events live in Redis).
 _SESSION_OVERHEAD = 700
+# Streams whose expiry a process watches for the sessionsExpired counter, and how
+# many of them one sweep looks up (the rest wait for the next sweep).
+_TRACKED_STREAMS = 100_000
+_CHECKS_PER_SWEEP = 10_000
 
 
 class RedisBackend:
@@ -165,6 +171,8 @@ class RedisBackend:
             min_backoff=float(min_backoff),
             max_backoff=float(max_backoff),
         )
+
+        self._expiries = Expiries(_TRACKED_STREAMS)
 
         # figures for stats()
         self._published = 0
@@ -334,8 +342,9 @@ class RedisBackend:
                 f"(max_pending_publishes={self._max_pending_publishes}, "
                 f"max_pending_publish_bytes={self._max_pending_publish_bytes})"
             )
+        stream = self._stream(session_id)
         command = streams.publish_command(
-            self._stream(session_id),
+            stream,
             self._channel_prefix + session_id,
             data,
             event,
@@ -360,6 +369,7 @@ class RedisBackend:
                 f"({type(exc).__name__}: {exc})"
             ) from exc
         self._published += 1
+        self._expiries.renewed(stream, time.monotonic() + config.session_ttl)
         return Event(event_id.decode(), session_id, data, event, retry, timestamp)
 
     async def attach(
@@ -431,16 +441,19 @@ class RedisBackend:
             raise BackendUnavailableError(
                 f"could not close session {session_id!r}: Redis is unavailable ({exc})"
             ) from exc
+        self._expiries.forget(self._stream(session_id))
         await self._sessions.wait_closed(session_id, self._socket_timeout)
         return existed
 
     async def sweep(self) -> SweepResult:
-        """Keep followed sessions from expiring and refresh the figures of `counts`.
+        """Keep followed sessions from expiring, count what expired, refresh `counts`.
 
         Redis trims and expires history itself; a session with a subscriber on this
         process gets its ``session_ttl`` renewed here, as the in-memory backend
-        keeps sessions that have subscribers. Cost: one pipelined round trip for
-        the followed sessions.
+        keeps sessions that have subscribers, and the events of its stream that
+        aged out are trimmed and counted. Streams this process kept alive that
+        are past their expiry are looked up, and counted when gone (see
+        `Expiries`). Cost: one pipelined round trip.
         """
         hub = self._require_hub()
         if self._streams is None:
@@ -452,17 +465,26 @@ class RedisBackend:
             if not live.attaching and not hub.has_subscribers(live.session_id):
                 table.drop(live)
         keys = [live.key for live in table.sessions.values() if live.cursor is not None]
-        ttl_ms = max(1, math.ceil(hub.config.session_ttl * 1000))
+        session_ttl = hub.config.session_ttl
+        asked = time.monotonic()
+        due = self._expiries.due(asked, _CHECKS_PER_SWEEP)
         try:
-            retained, memory = await self._streams.sweep(keys, ttl_ms)
+            swept = await self._streams.sweep(
+                keys, max(1, math.ceil(session_ttl * 1000)), self._ttl_ms(hub), due
+            )
         except (RedisError, OSError) as exc:
             logger.info("Redis sweep skipped: %s", exc)
             return SweepResult()
-        self._retained_estimate = retained
-        if memory is not None:
-            used = memory.get("used_memory")
+        now = time.monotonic()
+        for key, length in zip(keys, swept.lengths, strict=True):
+            if length >= 0:
+                self._expiries.renewed(key, now + session_ttl)
+        self._retained_estimate = sum(n for n in swept.lengths if n > 0)
+        if swept.memory is not None:
+            used = swept.memory.get("used_memory")
             self._redis_memory = int(used) if used is not None else None
-        return SweepResult()
+        gone = self._expiries.checked(due, swept.pttls, asked)
+        return SweepResult(swept.trimmed, gone)
 
     def counts(self) -> BackendCounts:
         """Sessions followed here, their retained events at the last sweep, bytes held here.
@@ -472,7 +494,11 @@ class RedisBackend:
         this process's own bookkeeping (Redis memory is ``stats()['usedMemory']``).
         """
         table = self._sessions
-        estimate = len(table.sessions) * _SESSION_OVERHEAD + table.pending_bytes
+        estimate = (
+            len(table.sessions) * _SESSION_OVERHEAD
+            + table.pending_bytes
+            + len(self._expiries) * TRACKED_OVERHEAD
+        )
         return BackendCounts(len(table.sessions), self._retained_estimate, estimate)
 
     def stats(self) -> dict[str, object]:

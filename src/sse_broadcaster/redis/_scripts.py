@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 
@@ -24,6 +24,7 @@ __all__ = [
     "PROBE_ID",
     "Key",
     "Streams",
+    "Swept",
     "decode_entries",
     "decode_message",
     "key_of",
@@ -119,6 +120,29 @@ end
 return {last, gap, entries}
 """
 
+# A followed session's stream at a sweep: renews its expiry and trims the entries
+# that aged out, as a publish would, but keeps the last one (the next publish
+# names it as its predecessor, which is how gaps are detected; replay hides it by
+# age anyway). ARGV: session ttl ms, ttl ms (0: no age trim). Returns {length,
+# entries trimmed}, {-1, 0} when the stream does not exist.
+_SWEEP = """
+local key = KEYS[1]
+if redis.call('PEXPIRE', key, ARGV[1]) == 0 then return {-1, 0} end
+local trimmed = 0
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+    local tail = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+    local now = redis.call('TIME')
+    local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - ttl + 1
+    if tail[1] and cutoff > 0 then
+        local minid = string.format('%d', cutoff)
+        if tonumber(string.match(tail[1][1], '^(%d+)')) < cutoff then minid = tail[1][1] end
+        trimmed = redis.call('XTRIM', key, 'MINID', minid)
+    end
+end
+return {redis.call('XLEN', key), trimmed}
+"""
+
 _CLOSE_SESSION = """
 local existed = redis.call('DEL', KEYS[1])
 redis.call('PUBLISH', ARGV[1], '!close')
@@ -181,6 +205,19 @@ def decode_entries(session_id: str, entries: Sequence[Any]) -> list[Event]:
     return events
 
 
+class Swept(NamedTuple):
+    """What `Streams.sweep` found."""
+
+    lengths: list[int]
+    """Entries of each followed stream after the trim, -1 for one that does not exist."""
+    trimmed: int
+    """Entries trimmed by age from the followed streams."""
+    pttls: list[int]
+    """PTTL of each due stream: -2 gone, -1 no expiry, else milliseconds left."""
+    memory: dict[str, Any] | None
+    """Redis's INFO memory."""
+
+
 class Streams:
     """The scripts registered on a client, and the commands that run them."""
 
@@ -189,6 +226,7 @@ class Streams:
         self._publish = client.register_script(_PUBLISH)
         self._read = client.register_script(_READ)
         self._close = client.register_script(_CLOSE_SESSION)
+        self._sweep = client.register_script(_SWEEP)
 
     def publish_command(
         self,
@@ -246,15 +284,21 @@ class Streams:
         return bool(existed)
 
     async def sweep(
-        self, keys: Sequence[str], session_ttl_ms: int
-    ) -> tuple[int, dict[str, Any] | None]:
-        """Renew the streams' expiry; their total length and Redis's INFO memory."""
+        self, followed: Sequence[str], session_ttl_ms: int, ttl_ms: int, due: Sequence[str]
+    ) -> Swept:
+        """One round trip: renew and trim the followed streams, ask the due ones' PTTL."""
         async with self._client.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.pexpire(key, session_ttl_ms)
-                pipe.xlen(key)
+            for key in followed:
+                await self._sweep(keys=[key], args=[session_ttl_ms, ttl_ms], client=pipe)
+            for key in due:
+                pipe.pttl(key)
             pipe.info("memory")
             results = await pipe.execute()
-        retained = sum(int(n) for n in results[1:-1:2])
+        swept = results[: len(followed)]
         memory = results[-1]
-        return retained, memory if isinstance(memory, dict) else None
+        return Swept(
+            [int(length) for length, _ in swept],
+            sum(int(trimmed) for _, trimmed in swept),
+            [int(pttl) for pttl in results[len(followed) : -1]],
+            memory if isinstance(memory, dict) else None,
+        )
