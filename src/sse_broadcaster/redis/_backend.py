@@ -25,11 +25,11 @@ from redis.exceptions import NoScriptError, RedisError
 from .._errors import BackendUnavailableError, BroadcasterClosedError, EventTooLargeError
 from .._event import Event
 from ..backends._base import BackendCounts, BackendHub, Replay, SweepResult
-from ._expiries import TRACKED_OVERHEAD, Expiries
 from ._follower import Follower
 from ._pipeline import Pipeline
 from ._scripts import PROBE_ID, Streams, decode_entries, parse_id
 from ._sessions import Sessions
+from ._sweeps import Sweeps
 
 __all__ = ["RedisBackend"]
 
@@ -37,10 +37,6 @@ logger = logging.getLogger("sse_broadcaster")
 
 # Rough per-session cost of this process's share (the events live in Redis).
 _SESSION_OVERHEAD = 700
-# Streams whose expiry a process watches for the sessionsExpired counter, and how
-# many of them one sweep looks up (the rest wait for the next sweep).
-_TRACKED_STREAMS = 100_000
-_CHECKS_PER_SWEEP = 10_000
 
 
 class RedisBackend:
@@ -116,24 +112,22 @@ class RedisBackend:
             raise TypeError(f"url must be a str, got {type(url).__name__}")
         if not isinstance(prefix, str) or not prefix or any(c.isspace() for c in prefix):
             raise ValueError(f"prefix must be a non-empty str without whitespace, got {prefix!r}")
-        for name, value in (
-            ("connect_timeout", connect_timeout),
-            ("socket_timeout", socket_timeout),
-            ("attach_timeout", attach_timeout),
-            ("health_check_interval", health_check_interval),
-            ("min_backoff", min_backoff),
-            ("max_backoff", max_backoff),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a number > 0, got {value!r}")
-        for name, value in (
-            ("max_buffered_messages", max_buffered_messages),
-            ("max_buffered_bytes", max_buffered_bytes),
-            ("max_pending_publishes", max_pending_publishes),
-            ("max_pending_publish_bytes", max_pending_publish_bytes),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        _check_options(
+            {
+                "connect_timeout": connect_timeout,
+                "socket_timeout": socket_timeout,
+                "attach_timeout": attach_timeout,
+                "health_check_interval": health_check_interval,
+                "min_backoff": min_backoff,
+                "max_backoff": max_backoff,
+            },
+            {
+                "max_buffered_messages": max_buffered_messages,
+                "max_buffered_bytes": max_buffered_bytes,
+                "max_pending_publishes": max_pending_publishes,
+                "max_pending_publish_bytes": max_pending_publish_bytes,
+            },
+        )
         if max_backoff < min_backoff:
             raise ValueError(
                 f"max_backoff must be >= min_backoff={min_backoff!r}, got {max_backoff!r}"
@@ -147,14 +141,18 @@ class RedisBackend:
         self._socket_timeout = float(socket_timeout)
         self._attach_timeout = float(attach_timeout)
         self._health_interval = float(health_check_interval)
-        self._max_pending_publishes = max_pending_publishes
-        self._max_pending_publish_bytes = max_pending_publish_bytes
 
         self._hub: BackendHub | None = None
         self._pool: ConnectionPool | None = None
         self._client: aioredis.Redis | None = None
         self._streams: Streams | None = None
-        self._pipeline: Pipeline | None = None
+        self._pipeline = Pipeline(
+            self._connect,
+            self._health_interval,
+            self._socket_timeout,
+            max_pending_publishes,
+            max_pending_publish_bytes,
+        )
         self._pipeline_task: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -171,15 +169,12 @@ class RedisBackend:
             min_backoff=float(min_backoff),
             max_backoff=float(max_backoff),
         )
-
-        self._expiries = Expiries(_TRACKED_STREAMS)
+        self._sweeps = Sweeps()
 
         # figures for stats()
         self._published = 0
         self._publish_failures = 0
         self._publishes_refused = 0
-        self._retained_estimate = 0
-        self._redis_memory: int | None = None
 
     def __repr__(self) -> str:
         state = "connected" if self._follower.connected else "disconnected"
@@ -208,46 +203,17 @@ class RedisBackend:
                 "run the broadcaster on asyncio, e.g. anyio.run(main, backend='asyncio')"
             ) from None
         self._hub = hub
-        overrides: dict[str, Any] = {
-            # Our own loops retry; a retried EVALSHA of the publish script could
-            # store an event twice, and a retried read would hide the outage.
-            "retry": Retry(NoBackoff(), 0),
-            "retry_on_error": [],
-            "socket_connect_timeout": self._connect_timeout,
-            "socket_timeout": self._socket_timeout,
-            "decode_responses": False,
-            "health_check_interval": 0,
-            # Pub/Sub messages as plain RESP2 arrays (no RESP3 push handling needed).
-            "protocol": 2,
-        }
-        if self._url is not None:
-            self._pool = ConnectionPool.from_url(self._url, **overrides)
-        else:
-            assert self._source_client is not None
-            source = self._source_client.connection_pool
-            kwargs = {
-                k: v
-                for k, v in source.connection_kwargs.items()
-                if not k.startswith(("maint_notifications", "orig_"))
-                and k not in ("himport_registry",)
-            }
-            kwargs.update(overrides)
-            self._pool = ConnectionPool(connection_class=source.connection_class, **kwargs)
+        self._pool = _connection_pool(
+            self._url, self._source_client, self._connect_timeout, self._socket_timeout
+        )
         self._client = aioredis.Redis(connection_pool=self._pool)
         self._streams = Streams(self._client)
-        pool = self._pool
-
-        def connect() -> AbstractConnection:
-            return pool.connection_class(**pool.connection_kwargs)
-
         # The reader lives from start to aclose, which may run in different tasks, so
         # no task group can bracket it; the backend is asyncio-only anyway.
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(
-            self._follower.run(hub, connect),
-            name="sse_broadcaster redis reader",
+            self._follower.run(hub, self._connect), name="sse_broadcaster redis reader"
         )
-        self._pipeline = Pipeline(connect, self._health_interval, self._socket_timeout)
         self._pipeline_task = loop.create_task(
             self._pipeline.run(), name="sse_broadcaster redis publisher"
         )
@@ -282,6 +248,12 @@ class RedisBackend:
             if self._pool is not None:
                 await self._pool.disconnect()
         self._sessions.clear()
+
+    def _connect(self) -> AbstractConnection:
+        """A new connection of the pool's class and settings, outside the pool."""
+        pool = self._pool
+        assert pool is not None
+        return pool.connection_class(**pool.connection_kwargs)
 
     def _require_hub(self) -> BackendHub:
         if self._hub is None or self._closed:
@@ -329,19 +301,11 @@ class RedisBackend:
                 f"max_event_bytes={config.max_event_bytes}"
             )
         pipeline = self._pipeline
-        assert pipeline is not None
         size = len(data)
-        if pipeline.pending and (
-            pipeline.pending >= self._max_pending_publishes
-            or pipeline.pending_bytes + size > self._max_pending_publish_bytes
-        ):
+        refusal = pipeline.refusal(size)
+        if refusal is not None:
             self._publishes_refused += 1
-            raise BackendUnavailableError(
-                f"could not publish to session {session_id!r}: {pipeline.pending} publishes "
-                f"({pipeline.pending_bytes} bytes) already wait for Redis "
-                f"(max_pending_publishes={self._max_pending_publishes}, "
-                f"max_pending_publish_bytes={self._max_pending_publish_bytes})"
-            )
+            raise BackendUnavailableError(f"could not publish to session {session_id!r}: {refusal}")
         stream = self._stream(session_id)
         command = streams.publish_command(
             stream,
@@ -369,7 +333,7 @@ class RedisBackend:
                 f"({type(exc).__name__}: {exc})"
             ) from exc
         self._published += 1
-        self._expiries.renewed(stream, time.monotonic() + config.session_ttl)
+        self._sweeps.expiries.renewed(stream, time.monotonic() + config.session_ttl)
         return Event(event_id.decode(), session_id, data, event, retry, timestamp)
 
     async def attach(
@@ -441,7 +405,7 @@ class RedisBackend:
             raise BackendUnavailableError(
                 f"could not close session {session_id!r}: Redis is unavailable ({exc})"
             ) from exc
-        self._expiries.forget(self._stream(session_id))
+        self._sweeps.expiries.forget(self._stream(session_id))
         await self._sessions.wait_closed(session_id, self._socket_timeout)
         return existed
 
@@ -452,8 +416,8 @@ class RedisBackend:
         process gets its ``session_ttl`` renewed here, as the in-memory backend
         keeps sessions that have subscribers, and the events of its stream that
         aged out are trimmed and counted. Streams this process kept alive that
-        are past their expiry are looked up, and counted when gone (see
-        `Expiries`). Cost: one pipelined round trip.
+        are past their expiry are looked up, and counted when gone. Cost: one
+        pipelined round trip.
         """
         hub = self._require_hub()
         if self._streams is None:
@@ -465,26 +429,9 @@ class RedisBackend:
             if not live.attaching and not hub.has_subscribers(live.session_id):
                 table.drop(live)
         keys = [live.key for live in table.sessions.values() if live.cursor is not None]
-        session_ttl = hub.config.session_ttl
-        asked = time.monotonic()
-        due = self._expiries.due(asked, _CHECKS_PER_SWEEP)
-        try:
-            swept = await self._streams.sweep(
-                keys, max(1, math.ceil(session_ttl * 1000)), self._ttl_ms(hub), due
-            )
-        except (RedisError, OSError) as exc:
-            logger.info("Redis sweep skipped: %s", exc)
-            return SweepResult()
-        now = time.monotonic()
-        for key, length in zip(keys, swept.lengths, strict=True):
-            if length >= 0:
-                self._expiries.renewed(key, now + session_ttl)
-        self._retained_estimate = sum(n for n in swept.lengths if n > 0)
-        if swept.memory is not None:
-            used = swept.memory.get("used_memory")
-            self._redis_memory = int(used) if used is not None else None
-        gone = self._expiries.checked(due, swept.pttls, asked)
-        return SweepResult(swept.trimmed, gone)
+        return await self._sweeps.run(
+            self._streams, keys, hub.config.session_ttl, self._ttl_ms(hub)
+        )
 
     def counts(self) -> BackendCounts:
         """Sessions followed here, their retained events at the last sweep, bytes held here.
@@ -495,11 +442,9 @@ class RedisBackend:
         """
         table = self._sessions
         estimate = (
-            len(table.sessions) * _SESSION_OVERHEAD
-            + table.pending_bytes
-            + len(self._expiries) * TRACKED_OVERHEAD
+            len(table.sessions) * _SESSION_OVERHEAD + table.pending_bytes + self._sweeps.held_bytes
         )
-        return BackendCounts(len(table.sessions), self._retained_estimate, estimate)
+        return BackendCounts(len(table.sessions), self._sweeps.retained, estimate)
 
     def stats(self) -> dict[str, object]:
         follower, table = self._follower, self._sessions
@@ -517,9 +462,48 @@ class RedisBackend:
             "pendingMessages": table.pending_total,
             "pendingBytes": table.pending_bytes,
             "bufferOverflows": table.overflows,
-            "pendingPublishes": 0 if self._pipeline is None else self._pipeline.pending,
+            "pendingPublishes": self._pipeline.pending,
             "publishesRefused": self._publishes_refused,
             "lastRecoverySeconds": follower.recovery.last,
-            "usedMemory": self._redis_memory,
+            "usedMemory": self._sweeps.redis_memory,
             "lastError": follower.last_error,
         }
+
+
+def _check_options(seconds: dict[str, object], sizes: dict[str, object]) -> None:
+    """Seconds must be numbers > 0, counts and sizes ints >= 1; the error names the option."""
+    for name, value in seconds.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _connection_pool(
+    url: str | None, client: aioredis.Redis | None, connect_timeout: float, socket_timeout: float
+) -> ConnectionPool:
+    """The pool the backend's connections are made from: the URL's or the client's settings."""
+    overrides: dict[str, Any] = {
+        # Our own loops retry; a retried EVALSHA of the publish script could
+        # store an event twice, and a retried read would hide the outage.
+        "retry": Retry(NoBackoff(), 0),
+        "retry_on_error": [],
+        "socket_connect_timeout": connect_timeout,
+        "socket_timeout": socket_timeout,
+        "decode_responses": False,
+        "health_check_interval": 0,
+        # Pub/Sub messages as plain RESP2 arrays (no RESP3 push handling needed).
+        "protocol": 2,
+    }
+    if url is not None:
+        return ConnectionPool.from_url(url, **overrides)
+    assert client is not None
+    source = client.connection_pool
+    kwargs = {
+        k: v
+        for k, v in source.connection_kwargs.items()
+        if not k.startswith(("maint_notifications", "orig_")) and k not in ("himport_registry",)
+    }
+    kwargs.update(overrides)
+    return ConnectionPool(connection_class=source.connection_class, **kwargs)

@@ -32,9 +32,16 @@ class Pipeline:
     """
 
     def __init__(
-        self, connect: Callable[[], AbstractConnection], idle_check: float, timeout: float
+        self,
+        connect: Callable[[], AbstractConnection],
+        idle_check: float,
+        timeout: float,
+        max_pending: int,
+        max_pending_bytes: int,
     ) -> None:
         self._connect = connect
+        self._max_pending = max_pending
+        self._max_pending_bytes = max_pending_bytes
         self._idle_check = idle_check
         self._timeout = timeout
         self._last_used = 0.0
@@ -43,6 +50,21 @@ class Pipeline:
         self._wakeup: asyncio.Future[None] | None = None
         self.pending = 0  # calls queued or on the wire
         self.pending_bytes = 0  # their `size` arguments
+
+    def refusal(self, size: int) -> str | None:
+        """Why a call of `size` bytes would exceed the bounds on pending calls, else None.
+
+        One call is always admitted when none is pending, whatever its size.
+        """
+        if self.pending and (
+            self.pending >= self._max_pending or self.pending_bytes + size > self._max_pending_bytes
+        ):
+            return (
+                f"{self.pending} publishes ({self.pending_bytes} bytes) already wait for Redis "
+                f"(max_pending_publishes={self._max_pending}, "
+                f"max_pending_publish_bytes={self._max_pending_bytes})"
+            )
+        return None
 
     async def call(self, *command: Any, size: int = 0) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

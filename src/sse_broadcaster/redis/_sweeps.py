@@ -1,4 +1,8 @@
-"""Which session streams Redis expired: what a process can learn for `sweep`'s counters.
+"""What a process's sweeps do in Redis, and the counters they can keep honestly.
+
+A sweep renews the streams of the sessions this process follows, trims the
+events of theirs that aged out (counted: ``expired_events``), and looks up the
+streams whose expiry is due (counted when gone: ``sessions_expired``).
 
 Redis expires a session's stream by itself and tells nobody. A process knows
 the streams it kept alive (it published to them, or its sweep renewed a
@@ -10,12 +14,65 @@ and is looked at again when its new expiry is due.
 
 from __future__ import annotations
 
+import logging
+import math
+import time
 from collections.abc import Sequence
 
-__all__ = ["TRACKED_OVERHEAD", "Expiries"]
+from redis.exceptions import RedisError
+
+from ..backends._base import SweepResult
+from ._scripts import Streams
+
+__all__ = ["Expiries", "Sweeps"]
+
+logger = logging.getLogger("sse_broadcaster")
 
 # Bytes counted per remembered stream in `RedisBackend.counts` (the key, the dict slot).
-TRACKED_OVERHEAD = 200
+_TRACKED_OVERHEAD = 200
+# Streams whose expiry a process remembers, and how many of them one sweep looks
+# up (the rest wait for the next sweep).
+_TRACKED_STREAMS = 100_000
+_CHECKS_PER_SWEEP = 10_000
+
+
+class Sweeps:
+    """One process's sweeps: what they found, and the streams whose expiry they watch."""
+
+    __slots__ = ("expiries", "redis_memory", "retained")
+
+    def __init__(self) -> None:
+        self.expiries = Expiries(_TRACKED_STREAMS)
+        self.retained = 0  # events in the followed streams at the last sweep
+        self.redis_memory: int | None = None  # Redis's used_memory at the last sweep
+
+    @property
+    def held_bytes(self) -> int:
+        return len(self.expiries) * _TRACKED_OVERHEAD
+
+    async def run(
+        self, streams: Streams, followed: Sequence[str], session_ttl: float, ttl_ms: int
+    ) -> SweepResult:
+        """Renew and trim the followed streams, look up the due ones: one round trip."""
+        asked = time.monotonic()
+        due = self.expiries.due(asked, _CHECKS_PER_SWEEP)
+        try:
+            swept = await streams.sweep(
+                followed, max(1, math.ceil(session_ttl * 1000)), ttl_ms, due
+            )
+        except (RedisError, OSError) as exc:
+            logger.info("Redis sweep skipped: %s", exc)
+            return SweepResult()
+        now = time.monotonic()
+        for key, length in zip(followed, swept.lengths, strict=True):
+            if length >= 0:
+                self.expiries.renewed(key, now + session_ttl)
+        self.retained = sum(n for n in swept.lengths if n > 0)
+        if swept.memory is not None:
+            used = swept.memory.get("used_memory")
+            self.redis_memory = int(used) if used is not None else None
+        gone = self.expiries.checked(due, swept.pttls, asked)
+        return SweepResult(swept.trimmed, gone)
 
 
 class Expiries:
