@@ -466,6 +466,24 @@ async def test_sweeps_count_aged_events_and_expired_sessions(
         assert a.stats()["cleanup"]["sessionsExpired"] == 2
 
 
+def test_watched_expiries_are_bounded_and_looked_up_once_due() -> None:
+    from sse_broadcaster.redis._sweeps import Expiries
+
+    expiries = Expiries(limit=2)
+    for name, deadline in (("a", 1.0), ("b", 2.0), ("c", 3.0)):
+        expiries.renewed(name, deadline)
+    assert len(expiries) == 2  # "a", due soonest, was forgotten
+    assert expiries.due(2.5, most=10) == ["b"]
+    expiries.renewed("b", 4.0)  # renewed here while Redis answered: not due any more
+    assert expiries.checked(["b"], [-2], 2.5) == 0
+    assert expiries.due(3.5, most=10) == ["c"]
+    assert expiries.checked(["c"], [500], 3.5) == 0  # renewed elsewhere: due at 4.0
+    assert expiries.due(3.9, most=10) == []
+    assert expiries.due(4.0, most=1) == ["b"]
+    assert expiries.checked(["b", "c"], [-2, -2], 4.0) == 2
+    assert len(expiries) == 0
+
+
 async def test_sessions_renewed_elsewhere_or_closed_do_not_count_as_expired(
     redis_server: str,  # noqa: F811
     prefix: str,

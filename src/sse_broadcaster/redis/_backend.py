@@ -1,9 +1,9 @@
 """`RedisBackend`: validation, life cycle and the `Backend` API.
 
-The moving parts live beside it: `_follower` (Pub/Sub and recovery) with
-`_sessions` (what they share),
-`_pipeline` (the publishing connection), `_scripts` (Lua scripts and the entry
-codec) and `_frames` (RESP2 packing and parsing).
+The moving parts live beside it: `_follower` (the Pub/Sub connection, attach
+and recovery) over `_sessions` (the followed sessions they share), `_pipeline`
+(the publishing connection), `_scripts` (the Lua scripts and the entry codec),
+`_sweeps` (what sweeps do and count) and `_frames` (RESP2 packing and parsing).
 """
 
 from __future__ import annotations
