@@ -184,13 +184,13 @@ def test_frame_reader_parses_split_input(
 ) -> None:
     from redis.exceptions import NoScriptError, ResponseError
 
-    from sse_broadcaster import redis as module
+    from sse_broadcaster.redis import _frames
 
     if reader == "python":
-        monkeypatch.setattr(module, "_hiredis", None)
-    elif module._hiredis is None:  # the test extra installs it
+        monkeypatch.setattr(_frames, "_hiredis", None)
+    elif _frames._hiredis is None:  # the test extra installs it
         pytest.fail("hiredis is not installed: pip install -e '.[test]'")
-    frames = module._frame_reader()
+    frames = _frames.frame_reader()
     got: list[Any] = []
     for i in range(0, len(FRAMES), chunk):
         frames.feed(FRAMES[i : i + chunk])
@@ -213,10 +213,10 @@ def test_frame_reader_parses_split_input(
 def test_pack_matches_redis_py() -> None:
     from redis.asyncio.connection import Connection
 
-    from sse_broadcaster.redis import _pack
+    from sse_broadcaster.redis._frames import pack
 
     commands = [("EVALSHA", "ab", 1, "k", "héllo\r\n", "", 500), ("PING",)]
-    assert _pack(commands) == b"".join(Connection().pack_commands(commands))
+    assert pack(commands) == b"".join(Connection().pack_commands(commands))
 
 
 async def test_redis_py_reply_path_when_the_stream_is_not_reachable(
@@ -226,9 +226,11 @@ async def test_redis_py_reply_path_when_the_stream_is_not_reachable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A connection class without an asyncio stream: redis-py's reader is used instead."""
-    from sse_broadcaster import redis as module
+    from sse_broadcaster.redis import _follower, _pipeline
 
-    monkeypatch.setattr(module, "_stream_of", lambda conn: None)
+    # Both the publishing and the Pub/Sub connection take redis-py's reply path.
+    monkeypatch.setattr(_pipeline, "stream_of", lambda conn: None)
+    monkeypatch.setattr(_follower, "stream_of", lambda conn: None)
     async with (
         broadcaster_on(redis_server, prefix) as a,
         broadcaster_on(redis_server, prefix) as b,
@@ -471,6 +473,78 @@ async def test_key_expiry(redis_server: str, prefix: str, raw: aioredis.Redis) -
             assert a.stats()["totalEvents"] == 1
 
 
+async def test_sweeps_count_aged_events_and_expired_sessions(
+    redis_server: str,  # noqa: F811
+    prefix: str,
+    raw: aioredis.Redis,
+) -> None:
+    config = BroadcasterConfig(event_ttl=0.3, session_ttl=0.8)
+    async with broadcaster_on(redis_server, prefix, config) as a:
+        async with a.subscribe("room"):
+            for i in range(3):
+                await a.publish("room", str(i))
+            await anyio.sleep(0.4)
+            metrics = await a.cleanup()
+            # Trimmed from the followed stream but its last entry, which the next
+            # publish names as its predecessor (replay hides it by age).
+            assert metrics.expired_events_cleaned == 2
+            assert await raw.xlen(f"{prefix}:s:room") == 1
+            assert await a.history("room") == []
+        await a.publish("other", "x")  # published to, never followed here
+        await a.cleanup()  # no longer follows "room": its stream expires
+        assert a.stats()["cleanup"]["sessionsExpired"] == 0
+        await anyio.sleep(1.0)
+        assert await raw.exists(f"{prefix}:s:room", f"{prefix}:s:other") == 0
+        await a.cleanup()
+        cleanup = a.stats()["cleanup"]
+        assert (cleanup["expiredEventsCleaned"], cleanup["sessionsExpired"]) == (2, 2)
+        await a.cleanup()  # each expiry counts once
+        assert a.stats()["cleanup"]["sessionsExpired"] == 2
+
+
+def test_watched_expiries_are_bounded_and_looked_up_once_due() -> None:
+    from sse_broadcaster.redis._sweeps import Expiries
+
+    expiries = Expiries(limit=2)
+    for name, deadline in (("a", 1.0), ("b", 2.0), ("c", 3.0)):
+        expiries.renewed(name, deadline)
+    assert len(expiries) == 2  # "a", due soonest, was forgotten
+    assert expiries.due(2.5, most=10) == ["b"]
+    expiries.renewed("b", 4.0)  # renewed here while Redis answered: not due any more
+    assert expiries.checked(["b"], [-2], 2.5) == 0
+    assert expiries.due(3.5, most=10) == ["c"]
+    assert expiries.checked(["c"], [500], 3.5) == 0  # renewed elsewhere: due at 4.0
+    assert expiries.due(3.9, most=10) == []
+    assert expiries.due(4.0, most=1) == ["b"]
+    assert expiries.checked(["b", "c"], [-2, -2], 4.0) == 2
+    assert len(expiries) == 0
+
+
+async def test_sessions_renewed_elsewhere_or_closed_do_not_count_as_expired(
+    redis_server: str,  # noqa: F811
+    prefix: str,
+) -> None:
+    config = BroadcasterConfig(session_ttl=0.6)
+    async with (
+        broadcaster_on(redis_server, prefix, config) as a,
+        broadcaster_on(redis_server, prefix, config) as b,
+    ):
+        await a.publish("kept", "1")
+        await a.publish("closed", "1")
+        await a.close_session("closed")
+        for _ in range(4):  # "kept" stays alive through b's publishes
+            await anyio.sleep(0.3)
+            await b.publish("kept", "more")
+            await a.cleanup()
+        assert a.stats()["cleanup"]["sessionsExpired"] == 0
+        await anyio.sleep(0.8)
+        await a.cleanup()
+        await b.cleanup()
+        # Both processes kept "kept" alive, so each counts its expiry.
+        assert a.stats()["cleanup"]["sessionsExpired"] == 1
+        assert b.stats()["cleanup"]["sessionsExpired"] == 1
+
+
 async def test_stats_shape(redis_server: str, prefix: str) -> None:  # noqa: F811
     async with broadcaster_on(redis_server, prefix) as a, a.subscribe("room"):
         await a.publish("room", "1")
@@ -652,7 +726,9 @@ def slow_reads(backend: RedisBackend, delay: float, times: int) -> list[int]:
     the delayed reads.
     """
     done = [0]
-    read, script = backend._read, backend._read_script
+    streams = backend._streams
+    assert streams is not None
+    read, read_many = streams.read, streams.read_many
 
     async def pause() -> None:
         if done[0] < times:
@@ -663,12 +739,12 @@ def slow_reads(backend: RedisBackend, delay: float, times: int) -> list[int]:
         await pause()
         return await read(*args)
 
-    async def slow_script(*args: Any, **kwargs: Any) -> Any:
+    async def slow_read_many(*args: Any) -> Any:
         await pause()
-        return await script(*args, **kwargs)
+        return await read_many(*args)
 
-    backend._read = slow_read  # type: ignore[method-assign]
-    backend._read_script = slow_script
+    streams.read = slow_read  # type: ignore[method-assign]
+    streams.read_many = slow_read_many  # type: ignore[method-assign]
     return done
 
 
@@ -839,7 +915,7 @@ async def test_sweep_stops_following_sessions_without_subscribers(
         async with a.subscribe("room"):
             pass
         # As if the detach had been missed: follow a session nobody here subscribes to.
-        a.backend._follow(a, "orphan")  # type: ignore[attr-defined]
+        a.backend._sessions.follow(a, "orphan")  # type: ignore[attr-defined]
         assert a.backend.counts()[0] == 1
         await a.cleanup()
         assert a.backend.counts()[0] == 0
