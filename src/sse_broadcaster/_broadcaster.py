@@ -15,9 +15,9 @@ from . import _metrics
 from ._config import BroadcasterConfig
 from ._event import Event
 from ._hub import Hub
-from ._metrics import Counters, MemoryMetrics, MemoryWatch, render_metrics
+from ._metrics import Counters, MemoryMetrics, MemoryPressureHook, MemoryWatch, render_metrics
 from ._subscription import Subscription
-from ._types import Clock, MemoryPressureHook, check_session_id
+from ._types import Clock, check_session_id
 from .backends._base import Backend
 from .backends.memory import MemoryBackend
 

@@ -10,13 +10,11 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import psutil
-
-from ._types import MemoryPressureHook, PressureLevel
 
 __all__ = [
     "Counters",
@@ -73,6 +71,13 @@ class MemoryMetrics:
     """Idle sessions removed after ``session_ttl``."""
     cleanup_count: int
     """Sweeps run so far."""
+
+
+#: The level `MemoryWatch` reports when process RSS crosses a threshold.
+PressureLevel = Literal["warning", "critical"]
+
+#: ``on_memory_pressure(level, metrics)``: called when process RSS crosses a threshold.
+MemoryPressureHook = Callable[[PressureLevel, MemoryMetrics], object]
 
 
 class Counters(NamedTuple):

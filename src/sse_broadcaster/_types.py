@@ -3,12 +3,8 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
 
-if TYPE_CHECKING:
-    from ._metrics import MemoryMetrics
-
-__all__ = ["Clock", "MemoryPressureHook", "OverflowPolicy", "PressureLevel", "check_session_id"]
+__all__ = ["Clock", "OverflowPolicy", "check_session_id"]
 
 _MAX_SESSION_ID = 256
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -58,10 +54,5 @@ class OverflowPolicy(str, enum.Enum):
         return self.value
 
 
-PressureLevel = Literal["warning", "critical"]
-
 #: A clock returns the current time in seconds since the epoch (``time.time``).
 Clock = Callable[[], float]
-
-#: ``on_memory_pressure(level, metrics)``: called when process RSS crosses a threshold.
-MemoryPressureHook = Callable[[PressureLevel, "MemoryMetrics"], object]
