@@ -7,6 +7,7 @@ of our own, so that it is exercised on trio (no trio ASGI server is installed).
 
 from __future__ import annotations
 
+import math
 import signal
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -22,11 +23,14 @@ from httpx_sse import aconnect_sse
 from starlette.routing import Route
 
 from sse_broadcaster import BroadcasterConfig, EventBroadcaster
-from sse_broadcaster._adapter import StreamRegistry, install_shutdown_hook, registry_for
+from sse_broadcaster._shutdown import install_shutdown_hook
+from sse_broadcaster._streams import StreamRegistry, registry_for
 from sse_broadcaster.starlette import (
     SSEEndpoint,
+    close_streams,
     lifespan,
     metrics_endpoint,
+    open_streams,
     sse_endpoint,
     stats_endpoint,
 )
@@ -140,7 +144,7 @@ async def test_stream_over_asgi_replays_streams_and_releases_on_disconnect(
         assert broadcaster.stats()["totalSubscribers"] == 1
     # the driver disconnected: the endpoint returned and let go of the subscription
     assert broadcaster.stats()["totalSubscribers"] == 0
-    assert len(registry_for(broadcaster)) == 0
+    assert open_streams(broadcaster) == 0
 
 
 async def test_stream_over_asgi_ends_with_the_session(broadcaster: EventBroadcaster) -> None:
@@ -158,7 +162,7 @@ async def test_lifespan_end_closes_streams_and_broadcaster() -> None:
         assert broadcaster.running
         async with request(sse_endpoint(broadcaster), {"session_id": "room"}) as exchange:
             await exchange.wait_for_body(bool)
-            registry_for(broadcaster).close_all()  # what the lifespan's exit does first
+            close_streams(broadcaster)  # what the lifespan's exit does first
             with anyio.fail_after(5):
                 await exchange.returned.wait()
             assert exchange.messages[-1]["more_body"] is False
@@ -197,8 +201,11 @@ def test_endpoint_arguments() -> None:
     endpoint = sse_endpoint(broadcaster, path_param="room")
     assert isinstance(endpoint, SSEEndpoint)
     assert "room" in repr(endpoint)
-    with pytest.raises(ValueError, match="flush_window must be >= 0, got -1"):
-        sse_endpoint(broadcaster, flush_window=-1)
+    for bad in (-1, math.inf, math.nan):
+        with pytest.raises(
+            ValueError, match=f"flush_window must be a finite number >= 0, got {bad}"
+        ):
+            sse_endpoint(broadcaster, flush_window=bad)
 
 
 async def test_flush_window_coalesces(broadcaster: EventBroadcaster) -> None:
@@ -273,7 +280,7 @@ async def test_keepalive_through_the_shared_watchdog() -> None:
             await exchange.wait_for_body(lambda body: body == b": ping\n\n: ping\n\n")
         event = await broadcaster.publish("a", "after the pings")
         await one.wait_for_body(lambda body: body.endswith(event.encode()))
-    assert len(registry_for(broadcaster)) == 0
+    assert open_streams(broadcaster) == 0
     assert registry_for(broadcaster)._streams == set()
 
 
