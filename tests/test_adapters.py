@@ -177,6 +177,41 @@ async def test_control_characters_in_query_id_are_a_gap(served: Served) -> None:
     assert got[1].data == "e0"
 
 
+@pytest.mark.parametrize(
+    ("sent", "shown"),
+    [
+        pytest.param(b"\xff", "\ufffd", id="ff"),
+        pytest.param(b"\x80abc", "\ufffdabc", id="continuation-byte"),
+        pytest.param(b"\xed\xa0\x80", "\ufffd\ufffd\ufffd", id="encoded-surrogate"),
+    ],
+)
+async def test_non_utf8_last_event_id_is_a_gap(served: Served, sent: bytes, shown: str) -> None:
+    await served.broadcaster.publish("room", "e0")
+    # open_raw encodes header values as latin-1: one character per byte sent.
+    headers = {"Last-Event-ID": sent.decode("latin-1")}
+    async with open_raw(served.base_url, "/events/room", headers) as raw:
+        assert raw.status == 200
+        body = b""
+        while b"data: e0" not in body:
+            body += await raw.read_chunk()
+    gap = [line for line in body.decode().split("\n") if line.startswith("data: {")]
+    assert "event: gap" in body.decode()
+    assert [json.loads(line.removeprefix("data: ")) for line in gap] == [
+        {"lastEventId": shown, "replayed": 1, "invalid": True}
+    ]
+
+
+async def test_utf8_last_event_id_is_read_as_utf8(served: Served) -> None:
+    await served.broadcaster.publish("room", "e0")
+    headers = {"Last-Event-ID": "é".encode().decode("latin-1")}  # the bytes C3 A9
+    async with open_raw(served.base_url, "/events/room", headers) as raw:
+        assert raw.status == 200
+        body = b""
+        while b"data: e0" not in body:
+            body += await raw.read_chunk()
+    assert 'data: {"lastEventId":"é","replayed":1}\n'.encode() in body
+
+
 # -- keep-alive, disconnects, send timeout --------------------------------------------------------
 
 
