@@ -7,8 +7,12 @@ of our own, so that it is exercised on trio (no trio ASGI server is installed).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import math
 import signal
+import time
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,6 +24,7 @@ import anyio.abc
 import httpx
 import pytest
 from httpx_sse import aconnect_sse
+from starlette.applications import Starlette
 from starlette.routing import Route
 
 from sse_broadcaster import BroadcasterConfig, EventBroadcaster
@@ -35,7 +40,7 @@ from sse_broadcaster.starlette import (
     stats_endpoint,
 )
 
-from ._servers import run_uvicorn, wait_for
+from ._servers import established, open_silent, run_uvicorn, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -282,6 +287,84 @@ async def test_keepalive_through_the_shared_watchdog() -> None:
         await one.wait_for_body(lambda body: body.endswith(event.encode()))
     assert open_streams(broadcaster) == 0
     assert registry_for(broadcaster)._streams == set()
+
+
+# -- hostile slow readers -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize(
+    ("http", "wrap_receive"), [("h11", False), ("httptools", False), ("h11", True)]
+)
+async def test_dropped_slow_readers_lose_their_connection_on_uvicorn(
+    http: str, wrap_receive: bool, anyio_backend: str
+) -> None:
+    """A client dropped for its send timeout must not keep its socket and buffer.
+
+    uvicorn's own close() of an unfinished response waits for the client to
+    read what is buffered: a client that never reads kept its connection (and
+    the megabytes queued for it) for as long as it stayed connected.
+    """
+    import psutil
+
+    clients = 30
+    broadcaster = EventBroadcaster(
+        BroadcasterConfig(
+            send_timeout=0.5,
+            keepalive_interval=5.0,
+            max_history_per_session=4,
+            max_queue_size=10_000,
+            max_queue_bytes=512 * 2**20,
+        )
+    )
+    app: Any = Starlette(
+        routes=[Route("/events/{session_id}", sse_endpoint(broadcaster))],
+        lifespan=lifespan(broadcaster),
+    )
+    if wrap_receive:  # a pure ASGI middleware: the endpoint no longer gets uvicorn's receive
+        app = _WrapReceive(app)
+    process = psutil.Process()
+    big = "x" * 60_000
+    async with run_uvicorn(app, http=http) as running, contextlib.AsyncExitStack() as stack:
+        socks = [await open_silent(running.base_url, "/events/room") for _ in range(clients)]
+        for sock in socks:
+            stack.callback(sock.close)
+        await wait_for(lambda: open_streams(broadcaster) == clients, 10, "the streams to open")
+        assert established(running.base_url) == clients
+        rss_before = _held_rss(process)
+        start = time.monotonic()
+        while open_streams(broadcaster) and time.monotonic() - start < 20:
+            for _ in range(40):  # 2.4 MB a burst, written to each stream at once
+                await broadcaster.publish("room", big)
+            await anyio.sleep(0.05)
+        assert open_streams(broadcaster) == 0, "the send timeout did not drop the readers"
+        # The server's side of every dropped connection is gone while the
+        # clients are still there, not reading.
+        await wait_for(lambda: established(running.base_url) == 0, 5, "the sockets to close")
+        await broadcaster.close_session("room")
+        rss_after = _held_rss(process)
+    grown = (rss_after - rss_before) / 2**20
+    # Before the fix: about 100 MB (30 clients x a 2.4 MB burst each).
+    assert grown < 20, f"RSS grew {grown:.1f} MB and stayed"
+
+
+class _WrapReceive:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def wrapped() -> Any:
+            return await receive()
+
+        await self.app(scope, wrapped, send)
+
+
+def _held_rss(process: Any) -> int:
+    """Resident memory still in use: glibc keeps freed heap pages until trimmed."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: RSS as it is
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return int(process.memory_info().rss)
 
 
 # -- the shutdown hook ------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import anyio
+import anyio.lowlevel
 
 from ._adapter import (
     COME_BACK_LATER,
@@ -176,12 +177,15 @@ class SSEEndpoint:
             # either. A server's own close() would wait for the client to read
             # what is buffered, keeping the socket and its buffer for as long as
             # the client stays: abort the connection.
-            _abort(transport)
+            if _abort(transport):
+                # Let the server see the connection lost before this returns,
+                # or it reports a response left unfinished.
+                await anyio.lowlevel.checkpoint()
             return
         with anyio.move_on_after(config.send_timeout, shield=True) as ending:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        if ending.cancelled_caught:
-            _abort(transport)
+        if ending.cancelled_caught and _abort(transport):
+            await anyio.lowlevel.checkpoint()
 
 
 def sse_endpoint(
@@ -360,16 +364,18 @@ def _server_transport(receive: Receive) -> asyncio.Transport | None:
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
-def _abort(transport: asyncio.Transport | None) -> None:
+def _abort(transport: asyncio.Transport | None) -> bool:
     """Drop a connection now: its write buffer is freed and the client gets a reset.
 
     Without ``SO_LINGER`` 0 the kernel would keep the closed socket and its
-    unsent data, retrying a client that reads nothing for minutes.
+    unsent data, retrying a client that reads nothing for minutes. False when
+    there is no transport to abort.
     """
     if transport is None:
-        return
+        return False
     sock = transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     transport.abort()
+    return True
