@@ -292,12 +292,17 @@ async def test_keepalive_through_the_shared_watchdog() -> None:
 # -- hostile slow readers -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.parametrize(
-    ("http", "wrap_receive"), [("h11", False), ("httptools", False), ("h11", True)]
+    ("anyio_backend", "http", "wrap_receive"),
+    [
+        pytest.param("asyncio", "h11", False, id="h11"),
+        pytest.param("asyncio", "httptools", False, id="httptools"),
+        pytest.param("asyncio", "h11", True, id="h11-wrapped-receive"),
+        pytest.param(("asyncio", {"use_uvloop": True}), "httptools", False, id="httptools-uvloop"),
+    ],
 )
 async def test_dropped_slow_readers_lose_their_connection_on_uvicorn(
-    http: str, wrap_receive: bool, anyio_backend: str
+    anyio_backend: Any, http: str, wrap_receive: bool
 ) -> None:
     """A client dropped for its send timeout must not keep its socket and buffer.
 

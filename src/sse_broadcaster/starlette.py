@@ -34,7 +34,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 from urllib.parse import parse_qsl
 
 import anyio
@@ -339,32 +339,48 @@ async def _come_back_later(send: Send, broadcaster: EventBroadcaster, reason: st
     await send({"type": "http.response.body", "body": body})
 
 
-def _server_transport(receive: Receive) -> asyncio.Transport | None:
-    """The connection's asyncio transport when the server lets it be found, else None.
+class _Transport(Protocol):
+    """What `_abort` needs of a connection: asyncio's transports and uvloop's have it."""
 
-    ASGI has no way to abort a connection. uvicorn (h11 and httptools) hands
-    the app the bound ``receive`` of its request cycle, which holds the
-    transport; under a pure ASGI middleware that wraps ``receive``, the
-    request's task still runs that cycle's ``run_asgi``. Any other server
-    (or a middleware running the app in a task of its own) gives None.
+    def abort(self) -> None: ...
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+
+
+def _server_transport(receive: Receive) -> _Transport | None:
+    """The connection's transport when the server lets it be found, else None.
+
+    ASGI has no way to abort a connection. uvicorn (h11 and httptools, on
+    asyncio or uvloop) hands the app the bound ``receive`` of its request
+    cycle, which holds the transport; under a pure ASGI middleware that wraps
+    ``receive``, the request's task still runs that cycle's ``run_asgi``. Any
+    other server (or a middleware running the app in a task of its own)
+    gives None.
     """
-    owner = getattr(receive, "__self__", None)
-    transport = getattr(owner, "transport", None)
-    if not isinstance(transport, asyncio.Transport):
+    transport = _transport_of(getattr(receive, "__self__", None))
+    if transport is None:
         try:
             task = asyncio.current_task()
         except RuntimeError:  # not on asyncio (trio)
             return None
         frame = getattr(task.get_coro() if task is not None else None, "cr_frame", None)
-        owner = frame.f_locals.get("self") if frame is not None else None
-        transport = getattr(owner, "transport", None)
-    return transport if isinstance(transport, asyncio.Transport) else None
+        transport = _transport_of(frame.f_locals.get("self") if frame is not None else None)
+    return transport
+
+
+def _transport_of(owner: object) -> _Transport | None:
+    transport = getattr(owner, "transport", None)
+    if callable(getattr(transport, "abort", None)) and callable(
+        getattr(transport, "get_extra_info", None)
+    ):
+        return cast("_Transport", transport)
+    return None
 
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
-def _abort(transport: asyncio.Transport | None) -> bool:
+def _abort(transport: _Transport | None) -> bool:
     """Drop a connection now: its write buffer is freed and the client gets a reset.
 
     Without ``SO_LINGER`` 0 the kernel would keep the closed socket and its
