@@ -1,7 +1,7 @@
 """Clients that never read: what a dropped stream leaves behind on uvicorn.
 
     python tests/performance/hostile_slow_readers.py [--http h11|httptools]
-        [--waves 8] [--clients 50] [--no-abort] [--json FILE]
+        [--loop asyncio|uvloop] [--waves 8] [--clients 50] [--no-abort] [--json FILE]
 
 A server subprocess (our Starlette adapter on uvicorn, ``send_timeout`` 0.5 s)
 gets waves of raw-socket clients that send their request and never read.
@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve()
 # -- the server (a subprocess) ----------------------------------------------------------
 
 
-def serve(port: int, http: str, abort: bool) -> None:
+def serve(port: int, http: str, loop: str, abort: bool) -> None:
     import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -85,7 +85,7 @@ def serve(port: int, http: str, abort: bool) -> None:
         ],
         lifespan=adapter.lifespan(broadcaster),
     )
-    uvicorn.run(app, host="127.0.0.1", port=port, http=http, log_level="critical")
+    uvicorn.run(app, host="127.0.0.1", port=port, http=http, loop=loop, log_level="critical")
 
 
 # -- the attacker ------------------------------------------------------------------------
@@ -121,11 +121,11 @@ def wait_open(port: int, count: int, limit: float = 30) -> None:
         time.sleep(0.05)
 
 
-def run(http: str, waves: int, clients: int, abort: bool) -> dict[str, Any]:
+def run(http: str, loop: str, waves: int, clients: int, abort: bool) -> dict[str, Any]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    cmd = [sys.executable, str(HERE), "--serve", str(port), "--http", http]
+    cmd = [sys.executable, str(HERE), "--serve", str(port), "--http", http, "--loop", loop]
     proc = subprocess.Popen(cmd + ([] if abort else ["--no-abort"]))
     socks: list[socket.socket] = []
     rows: list[dict[str, Any]] = []
@@ -177,13 +177,13 @@ def run(http: str, waves: int, clients: int, abort: bool) -> dict[str, Any]:
             sock.close()
         proc.terminate()
         proc.wait(30)
-    return {"http": http, "abort": abort, "start_rss_mb": start_mb, "rows": rows}
+    return {"http": http, "loop": loop, "abort": abort, "start_rss_mb": start_mb, "rows": rows}
 
 
 def markdown(result: dict[str, Any]) -> str:
     mode = "abort (this version)" if result["abort"] else "no abort (before)"
     lines = [
-        f"uvicorn --http {result['http']}, {mode}; server RSS at start "
+        f"uvicorn --http {result['http']} --loop {result['loop']}, {mode}; server RSS at start "
         f"{result['start_rss_mb']:.0f} MB",
         "",
         "| after | ESTABLISHED | RSS (MB) | RSS trimmed (MB) |",
@@ -201,6 +201,7 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--http", default="h11", choices=["h11", "httptools"])
+    parser.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"])
     parser.add_argument("--waves", type=int, default=8)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--no-abort", action="store_true")
@@ -208,9 +209,9 @@ def main() -> None:
     parser.add_argument("--json", help="write the result here too")
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.http, not args.no_abort)
+        serve(args.serve, args.http, args.loop, not args.no_abort)
         return
-    result = run(args.http, args.waves, args.clients, not args.no_abort)
+    result = run(args.http, args.loop, args.waves, args.clients, not args.no_abort)
     print(markdown(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
