@@ -28,7 +28,7 @@ from sse_broadcaster._adapter import MAX_LAST_EVENT_ID
 from sse_broadcaster._streams import registry_for
 from sse_broadcaster.aiohttp import open_streams
 
-from ._servers import ADAPTERS, Served, open_raw, serve_adapter, wait_for
+from ._servers import ADAPTERS, Served, established, open_raw, serve_adapter, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -288,6 +288,8 @@ async def test_stalled_client_dropped_after_send_timeout(adapter: str) -> None:
             await wait_for(lambda: broadcaster.stats()["totalSubscribers"] == 0, 5)
             took = time.monotonic() - published
             assert open_streams(broadcaster) == 0
+            # The server's side of the connection is gone, the client still there.
+            await wait_for(lambda: established(served.base_url) == 0, 5, "the socket to close")
         assert took <= send_timeout + 0.2  # +0.2: polling here, loaded machine
         assert broadcaster.stats()["slowSubscriberDisconnects"] == 0
 

@@ -39,6 +39,7 @@ from ._adapter import (
     prelude,
     render_metrics,
 )
+from ._connection import abort_connection
 from ._streams import FLUSH_WINDOW, check_flush_window, registry_for, run_stream
 
 try:
@@ -145,9 +146,7 @@ def sse_handler(
             await subscription.aclose()
         if outcome == "timeout" or outcome == "disconnected":
             # The socket is full or gone: drop the connection rather than wait on it.
-            transport = request.transport
-            if transport is not None:
-                transport.abort()
+            abort_connection(request.transport)
             response.force_close()
             return response
         with anyio.move_on_after(config.send_timeout, shield=True):

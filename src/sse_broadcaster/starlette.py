@@ -28,13 +28,9 @@ Needs the ``starlette`` extra: ``pip install 'sse-broadcaster[starlette]'``.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import socket
-import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import anyio
@@ -52,6 +48,7 @@ from ._adapter import (
     prelude,
     render_metrics,
 )
+from ._connection import abort_connection, server_transport
 from ._shutdown import install_shutdown_hook
 from ._streams import FLUSH_WINDOW, check_flush_window, registry_for, run_stream
 
@@ -149,7 +146,7 @@ class SSEEndpoint:
             return
 
         # Taken now: a stream dropped for its send timeout must close its socket.
-        transport = _server_transport(receive)
+        transport = server_transport(receive)
 
         async def write(data: bytes) -> None:
             await send({"type": "http.response.body", "body": data, "more_body": True})
@@ -177,14 +174,14 @@ class SSEEndpoint:
             # either. A server's own close() would wait for the client to read
             # what is buffered, keeping the socket and its buffer for as long as
             # the client stays: abort the connection.
-            if _abort(transport):
+            if abort_connection(transport):
                 # Let the server see the connection lost before this returns,
                 # or it reports a response left unfinished.
                 await anyio.lowlevel.checkpoint()
             return
         with anyio.move_on_after(config.send_timeout, shield=True) as ending:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        if ending.cancelled_caught and _abort(transport):
+        if ending.cancelled_caught and abort_connection(transport):
             await anyio.lowlevel.checkpoint()
 
 
@@ -337,61 +334,3 @@ async def _come_back_later(send: Send, broadcaster: EventBroadcaster, reason: st
         }
     )
     await send({"type": "http.response.body", "body": body})
-
-
-class _Transport(Protocol):
-    """What `_abort` needs of a connection: asyncio's transports and uvloop's have it."""
-
-    def abort(self) -> None: ...
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
-
-
-def _server_transport(receive: Receive) -> _Transport | None:
-    """The connection's transport when the server lets it be found, else None.
-
-    ASGI has no way to abort a connection. uvicorn (h11 and httptools, on
-    asyncio or uvloop) hands the app the bound ``receive`` of its request
-    cycle, which holds the transport; under a pure ASGI middleware that wraps
-    ``receive``, the request's task still runs that cycle's ``run_asgi``. Any
-    other server (or a middleware running the app in a task of its own)
-    gives None.
-    """
-    transport = _transport_of(getattr(receive, "__self__", None))
-    if transport is None:
-        try:
-            task = asyncio.current_task()
-        except RuntimeError:  # not on asyncio (trio)
-            return None
-        frame = getattr(task.get_coro() if task is not None else None, "cr_frame", None)
-        transport = _transport_of(frame.f_locals.get("self") if frame is not None else None)
-    return transport
-
-
-def _transport_of(owner: object) -> _Transport | None:
-    transport = getattr(owner, "transport", None)
-    if callable(getattr(transport, "abort", None)) and callable(
-        getattr(transport, "get_extra_info", None)
-    ):
-        return cast("_Transport", transport)
-    return None
-
-
-_LINGER_RESET = struct.pack("ii", 1, 0)
-
-
-def _abort(transport: _Transport | None) -> bool:
-    """Drop a connection now: its write buffer is freed and the client gets a reset.
-
-    Without ``SO_LINGER`` 0 the kernel would keep the closed socket and its
-    unsent data, retrying a client that reads nothing for minutes. False when
-    there is no transport to abort.
-    """
-    if transport is None:
-        return False
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    transport.abort()
-    return True
