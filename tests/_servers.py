@@ -25,8 +25,10 @@ __all__ = [
     "RawStream",
     "Running",
     "Served",
+    "established",
     "free_socket",
     "open_raw",
+    "open_silent",
     "run_aiohttp",
     "run_uvicorn",
     "serve_adapter",
@@ -289,3 +291,42 @@ async def open_raw(
     finally:
         with anyio.CancelScope(shield=True):
             await raw.aclose()
+
+
+async def open_silent(base_url: str, path: str, *, receive_buffer: int = 4096) -> socket.socket:
+    """A connection that sends ``GET path`` and never reads: a hostile slow reader.
+
+    Its tiny SO_RCVBUF makes the server's writes back up after a few kB; the
+    caller closes the socket.
+    """
+    host, port = base_url.removeprefix("http://").split(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.setblocking(False)
+        try:
+            sock.connect((host, int(port)))
+        except BlockingIOError:
+            await anyio.wait_writable(sock)
+        request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n\r\n"
+        sock.send(request.encode())  # far smaller than any socket buffer
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def established(base_url: str) -> int:
+    """This process's ESTABLISHED TCP sockets whose local port is the server's.
+
+    Those are the server's side of its connections (a client's local port is
+    an ephemeral one), for a server running in this process.
+    """
+    import psutil
+
+    port = int(base_url.rsplit(":", 1)[1])
+    return sum(
+        1
+        for conn in psutil.Process().net_connections(kind="tcp")
+        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_ESTABLISHED
+    )

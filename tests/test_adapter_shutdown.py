@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from sse_broadcaster import BroadcasterConfig, EventBroadcaster
-from sse_broadcaster._adapter import registry_for
+from sse_broadcaster.starlette import open_streams
 
 from ._servers import ADAPTERS, free_port, make_app, open_raw, run_aiohttp, run_uvicorn, wait_for
 
@@ -240,7 +240,7 @@ async def test_no_task_left_after_connect_disconnect_cycles(adapter: str) -> Non
         await wait_for(lambda: len(asyncio.all_tasks()) <= baseline, 5)
         await anyio.sleep(0.2)
         left = len(asyncio.all_tasks()) - baseline
-        assert len(registry_for(broadcaster)) == 0
+        assert open_streams(broadcaster) == 0
         assert broadcaster.stats()["totalSessions"] == 7
     print(f"\n{adapter}: {left} task(s) left after {CYCLES} connect/disconnect cycles")
     assert left == 0

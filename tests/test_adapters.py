@@ -24,9 +24,11 @@ import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
 
 from sse_broadcaster import BroadcasterConfig, EventBroadcaster
-from sse_broadcaster._adapter import MAX_LAST_EVENT_ID, registry_for
+from sse_broadcaster._adapter import MAX_LAST_EVENT_ID
+from sse_broadcaster._streams import registry_for
+from sse_broadcaster.aiohttp import open_streams
 
-from ._servers import ADAPTERS, Served, open_raw, serve_adapter, wait_for
+from ._servers import ADAPTERS, Served, established, open_raw, serve_adapter, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -175,6 +177,41 @@ async def test_control_characters_in_query_id_are_a_gap(served: Served) -> None:
     assert got[1].data == "e0"
 
 
+@pytest.mark.parametrize(
+    ("sent", "shown"),
+    [
+        pytest.param(b"\xff", "\ufffd", id="ff"),
+        pytest.param(b"\x80abc", "\ufffdabc", id="continuation-byte"),
+        pytest.param(b"\xed\xa0\x80", "\ufffd\ufffd\ufffd", id="encoded-surrogate"),
+    ],
+)
+async def test_non_utf8_last_event_id_is_a_gap(served: Served, sent: bytes, shown: str) -> None:
+    await served.broadcaster.publish("room", "e0")
+    # open_raw encodes header values as latin-1: one character per byte sent.
+    headers = {"Last-Event-ID": sent.decode("latin-1")}
+    async with open_raw(served.base_url, "/events/room", headers) as raw:
+        assert raw.status == 200
+        body = b""
+        while b"data: e0" not in body:
+            body += await raw.read_chunk()
+    gap = [line for line in body.decode().split("\n") if line.startswith("data: {")]
+    assert "event: gap" in body.decode()
+    assert [json.loads(line.removeprefix("data: ")) for line in gap] == [
+        {"lastEventId": shown, "replayed": 1, "invalid": True}
+    ]
+
+
+async def test_utf8_last_event_id_is_read_as_utf8(served: Served) -> None:
+    await served.broadcaster.publish("room", "e0")
+    headers = {"Last-Event-ID": "é".encode().decode("latin-1")}  # the bytes C3 A9
+    async with open_raw(served.base_url, "/events/room", headers) as raw:
+        assert raw.status == 200
+        body = b""
+        while b"data: e0" not in body:
+            body += await raw.read_chunk()
+    assert 'data: {"lastEventId":"é","replayed":1}\n'.encode() in body
+
+
 # -- keep-alive, disconnects, send timeout --------------------------------------------------------
 
 
@@ -203,7 +240,7 @@ async def test_disconnect_releases_subscription_within_one_interval(adapter: str
             assert await subscribers(served) == 1
         took = await wait_for(lambda: broadcaster.stats()["totalSubscribers"] == 0, 2 * interval)
         assert took <= interval
-        assert len(registry_for(broadcaster)) == 0
+        assert open_streams(broadcaster) == 0
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS)
@@ -250,7 +287,9 @@ async def test_stalled_client_dropped_after_send_timeout(adapter: str) -> None:
             published = time.monotonic()
             await wait_for(lambda: broadcaster.stats()["totalSubscribers"] == 0, 5)
             took = time.monotonic() - published
-            assert len(registry_for(broadcaster)) == 0
+            assert open_streams(broadcaster) == 0
+            # The server's side of the connection is gone, the client still there.
+            await wait_for(lambda: established(served.base_url) == 0, 5, "the socket to close")
         assert took <= send_timeout + 0.2  # +0.2: polling here, loaded machine
         assert broadcaster.stats()["slowSubscriberDisconnects"] == 0
 

@@ -11,8 +11,8 @@ import pytest
 from aiohttp import web
 
 from sse_broadcaster import BroadcasterConfig, EventBroadcaster
-from sse_broadcaster._adapter import registry_for
-from sse_broadcaster.aiohttp import setup, sse_handler
+from sse_broadcaster._streams import registry_for
+from sse_broadcaster.aiohttp import open_streams, setup, sse_handler
 
 from ._servers import free_socket, open_raw
 
@@ -55,7 +55,7 @@ async def test_setup_runs_the_broadcaster_with_the_app_across_tasks() -> None:
         sock.close()
     assert not running(broadcaster)
     assert registry_for(broadcaster).closing
-    assert len(registry_for(broadcaster)) == 0
+    assert open_streams(broadcaster) == 0
 
 
 async def test_setup_fails_when_the_broadcaster_cannot_start() -> None:
@@ -69,5 +69,5 @@ async def test_setup_fails_when_the_broadcaster_cannot_start() -> None:
 
 
 def test_handler_arguments() -> None:
-    with pytest.raises(ValueError, match=r"flush_window must be >= 0, got -0\.5"):
+    with pytest.raises(ValueError, match=r"flush_window must be a finite number >= 0, got -0\.5"):
         sse_handler(EventBroadcaster(), flush_window=-0.5)

@@ -7,7 +7,12 @@ of our own, so that it is exercised on trio (no trio ASGI server is installed).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
+import math
 import signal
+import time
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,19 +24,23 @@ import anyio.abc
 import httpx
 import pytest
 from httpx_sse import aconnect_sse
+from starlette.applications import Starlette
 from starlette.routing import Route
 
 from sse_broadcaster import BroadcasterConfig, EventBroadcaster
-from sse_broadcaster._adapter import StreamRegistry, install_shutdown_hook, registry_for
+from sse_broadcaster._shutdown import install_shutdown_hook
+from sse_broadcaster._streams import StreamRegistry, registry_for
 from sse_broadcaster.starlette import (
     SSEEndpoint,
+    close_streams,
     lifespan,
     metrics_endpoint,
+    open_streams,
     sse_endpoint,
     stats_endpoint,
 )
 
-from ._servers import run_uvicorn, wait_for
+from ._servers import established, open_silent, run_uvicorn, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -140,7 +149,7 @@ async def test_stream_over_asgi_replays_streams_and_releases_on_disconnect(
         assert broadcaster.stats()["totalSubscribers"] == 1
     # the driver disconnected: the endpoint returned and let go of the subscription
     assert broadcaster.stats()["totalSubscribers"] == 0
-    assert len(registry_for(broadcaster)) == 0
+    assert open_streams(broadcaster) == 0
 
 
 async def test_stream_over_asgi_ends_with_the_session(broadcaster: EventBroadcaster) -> None:
@@ -158,7 +167,7 @@ async def test_lifespan_end_closes_streams_and_broadcaster() -> None:
         assert broadcaster.running
         async with request(sse_endpoint(broadcaster), {"session_id": "room"}) as exchange:
             await exchange.wait_for_body(bool)
-            registry_for(broadcaster).close_all()  # what the lifespan's exit does first
+            close_streams(broadcaster)  # what the lifespan's exit does first
             with anyio.fail_after(5):
                 await exchange.returned.wait()
             assert exchange.messages[-1]["more_body"] is False
@@ -197,8 +206,11 @@ def test_endpoint_arguments() -> None:
     endpoint = sse_endpoint(broadcaster, path_param="room")
     assert isinstance(endpoint, SSEEndpoint)
     assert "room" in repr(endpoint)
-    with pytest.raises(ValueError, match="flush_window must be >= 0, got -1"):
-        sse_endpoint(broadcaster, flush_window=-1)
+    for bad in (-1, math.inf, math.nan):
+        with pytest.raises(
+            ValueError, match=f"flush_window must be a finite number >= 0, got {bad}"
+        ):
+            sse_endpoint(broadcaster, flush_window=bad)
 
 
 async def test_flush_window_coalesces(broadcaster: EventBroadcaster) -> None:
@@ -273,8 +285,91 @@ async def test_keepalive_through_the_shared_watchdog() -> None:
             await exchange.wait_for_body(lambda body: body == b": ping\n\n: ping\n\n")
         event = await broadcaster.publish("a", "after the pings")
         await one.wait_for_body(lambda body: body.endswith(event.encode()))
-    assert len(registry_for(broadcaster)) == 0
+    assert open_streams(broadcaster) == 0
     assert registry_for(broadcaster)._streams == set()
+
+
+# -- hostile slow readers -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("anyio_backend", "http", "wrap_receive"),
+    [
+        pytest.param("asyncio", "h11", False, id="h11"),
+        pytest.param("asyncio", "httptools", False, id="httptools"),
+        pytest.param("asyncio", "h11", True, id="h11-wrapped-receive"),
+        pytest.param(("asyncio", {"use_uvloop": True}), "httptools", False, id="httptools-uvloop"),
+    ],
+)
+async def test_dropped_slow_readers_lose_their_connection_on_uvicorn(
+    anyio_backend: Any, http: str, wrap_receive: bool
+) -> None:
+    """A client dropped for its send timeout must not keep its socket and buffer.
+
+    uvicorn's own close() of an unfinished response waits for the client to
+    read what is buffered: a client that never reads kept its connection (and
+    the megabytes queued for it) for as long as it stayed connected.
+    """
+    import psutil
+
+    clients = 30
+    broadcaster = EventBroadcaster(
+        BroadcasterConfig(
+            send_timeout=0.5,
+            keepalive_interval=5.0,
+            max_history_per_session=4,
+            max_queue_size=10_000,
+            max_queue_bytes=512 * 2**20,
+        )
+    )
+    app: Any = Starlette(
+        routes=[Route("/events/{session_id}", sse_endpoint(broadcaster))],
+        lifespan=lifespan(broadcaster),
+    )
+    if wrap_receive:  # a pure ASGI middleware: the endpoint no longer gets uvicorn's receive
+        app = _WrapReceive(app)
+    process = psutil.Process()
+    big = "x" * 60_000
+    async with run_uvicorn(app, http=http) as running, contextlib.AsyncExitStack() as stack:
+        socks = [await open_silent(running.base_url, "/events/room") for _ in range(clients)]
+        for sock in socks:
+            stack.callback(sock.close)
+        await wait_for(lambda: open_streams(broadcaster) == clients, 10, "the streams to open")
+        assert established(running.base_url) == clients
+        rss_before = _held_rss(process)
+        start = time.monotonic()
+        while open_streams(broadcaster) and time.monotonic() - start < 20:
+            for _ in range(40):  # 2.4 MB a burst, written to each stream at once
+                await broadcaster.publish("room", big)
+            await anyio.sleep(0.05)
+        assert open_streams(broadcaster) == 0, "the send timeout did not drop the readers"
+        # The server's side of every dropped connection is gone while the
+        # clients are still there, not reading.
+        await wait_for(lambda: established(running.base_url) == 0, 5, "the sockets to close")
+        await broadcaster.close_session("room")
+        rss_after = _held_rss(process)
+    grown = (rss_after - rss_before) / 2**20
+    # Before the fix: about 100 MB (30 clients x a 2.4 MB burst each).
+    assert grown < 20, f"RSS grew {grown:.1f} MB and stayed"
+
+
+class _WrapReceive:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def wrapped() -> Any:
+            return await receive()
+
+        await self.app(scope, wrapped, send)
+
+
+def _held_rss(process: Any) -> int:
+    """Resident memory still in use: glibc keeps freed heap pages until trimmed."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: RSS as it is
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return int(process.memory_info().rss)
 
 
 # -- the shutdown hook ------------------------------------------------------------------------

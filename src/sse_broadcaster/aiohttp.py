@@ -37,9 +37,9 @@ from ._adapter import (
     missing_extra,
     parse_last_event_id,
     prelude,
-    registry_for,
-    run_stream,
 )
+from ._connection import abort_connection
+from ._streams import FLUSH_WINDOW, check_flush_window, registry_for, run_stream
 
 try:
     from aiohttp import web
@@ -49,7 +49,14 @@ except ImportError as exc:  # pragma: no cover - tested by hiding aiohttp
 if TYPE_CHECKING:
     from ._broadcaster import EventBroadcaster
 
-__all__ = ["metrics_handler", "setup", "sse_handler", "stats_handler"]
+__all__ = [
+    "close_streams",
+    "metrics_handler",
+    "open_streams",
+    "setup",
+    "sse_handler",
+    "stats_handler",
+]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -59,7 +66,7 @@ def sse_handler(
     *,
     authorize: Authorize | None = None,
     match_info_key: str = "session_id",
-    flush_window: float = 0.001,
+    flush_window: float = FLUSH_WINDOW,
 ) -> Handler:
     """A handler streaming the session named by the route's ``{session_id}``.
 
@@ -80,27 +87,26 @@ def sse_handler(
         authorize: ``authorize(request, session_id)``, sync or async, gets the
             `aiohttp.web.Request`; False answers 403 before any event is sent.
         match_info_key: the route's variable holding the session id.
-        flush_window: during a burst (an event newer than the session's
-            last write, less than five windows after it), wait for the
-            session's flush, this many seconds long and shared by all its
-            streams in this process, so that more events join the write. An
-            event after a quiet spell, and the fan-out of one event to a
-            session's streams, are written at once. 0 writes every batch at
-            once.
+        flush_window: seconds a burst of a session's events is held so that
+            more of them join one write; see `sse_broadcaster._streams.FLUSH_WINDOW`
+            and docs/aiohttp.md. 0 writes every batch at once.
 
     Raises:
-        ValueError: `flush_window` is negative.
+        ValueError: `flush_window` is negative, infinite or NaN.
     """
-    if flush_window < 0:
-        raise ValueError(f"flush_window must be >= 0, got {flush_window!r}")
+    check_flush_window(flush_window)
     config = broadcaster.config
     headers = dict(SSE_HEADERS)
 
     async def handler(request: web.Request) -> web.StreamResponse:
         session_id = request.match_info.get(match_info_key, "")
-        last_event_id = parse_last_event_id(
-            request.headers.get("Last-Event-ID"), request.query.get("lastEventId")
+        # The raw bytes: aiohttp's str headers keep undecodable bytes as lone
+        # surrogates, which could not be encoded into the gap event.
+        header = next(
+            (value for name, value in request.raw_headers if name.lower() == b"last-event-id"),
+            None,
         )
+        last_event_id = parse_last_event_id(header, request.query.get("lastEventId"))
         try:
             subscription = broadcaster.subscribe(session_id, last_event_id=last_event_id.value)
         except (TypeError, ValueError) as exc:
@@ -139,9 +145,7 @@ def sse_handler(
             await subscription.aclose()
         if outcome == "timeout" or outcome == "disconnected":
             # The socket is full or gone: drop the connection rather than wait on it.
-            transport = request.transport
-            if transport is not None:
-                transport.abort()
+            abort_connection(request.transport)
             response.force_close()
             return response
         with anyio.move_on_after(config.send_timeout, shield=True):
@@ -174,6 +178,26 @@ def metrics_handler(broadcaster: EventBroadcaster) -> Handler:
         return response
 
     return metrics
+
+
+def open_streams(broadcaster: EventBroadcaster) -> int:
+    """How many of the broadcaster's streams are open in this process, on either adapter.
+
+    The ``sse_broadcaster_open_streams`` gauge of `metrics_handler`. Subscribers
+    in other processes (a shared backend) are counted by
+    `EventBroadcaster.stats` instead.
+    """
+    return len(registry_for(broadcaster))
+
+
+def close_streams(broadcaster: EventBroadcaster) -> None:
+    """End every open stream of the broadcaster in this process, as a shutdown does.
+
+    Each client is sent the end of its stream; streams that open afterwards
+    are answered "come back later" (200, ``retry:``) until `setup`'s cleanup
+    context runs the broadcaster again. `setup` calls it on shutdown.
+    """
+    registry_for(broadcaster).close_all()
 
 
 def setup(app: web.Application, broadcaster: EventBroadcaster) -> None:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import anyio
+import anyio.lowlevel
 
 from ._adapter import (
     COME_BACK_LATER,
@@ -41,14 +42,14 @@ from ._adapter import (
     SSE_HEADERS,
     Authorize,
     come_back_later,
-    install_shutdown_hook,
     is_authorized,
     missing_extra,
     parse_last_event_id,
     prelude,
-    registry_for,
-    run_stream,
 )
+from ._connection import abort_connection, server_transport
+from ._shutdown import install_shutdown_hook
+from ._streams import FLUSH_WINDOW, check_flush_window, registry_for, run_stream
 
 try:
     from starlette.requests import Request
@@ -59,7 +60,15 @@ except ImportError as exc:  # pragma: no cover - tested by hiding starlette
 if TYPE_CHECKING:
     from ._broadcaster import EventBroadcaster
 
-__all__ = ["SSEEndpoint", "lifespan", "metrics_endpoint", "sse_endpoint", "stats_endpoint"]
+__all__ = [
+    "SSEEndpoint",
+    "close_streams",
+    "lifespan",
+    "metrics_endpoint",
+    "open_streams",
+    "sse_endpoint",
+    "stats_endpoint",
+]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -83,14 +92,12 @@ class SSEEndpoint:
         *,
         authorize: Authorize | None = None,
         path_param: str = "session_id",
-        flush_window: float = 0.001,
+        flush_window: float = FLUSH_WINDOW,
     ) -> None:
-        if flush_window < 0:
-            raise ValueError(f"flush_window must be >= 0, got {flush_window!r}")
         self.broadcaster = broadcaster
         self.authorize = authorize
         self.path_param = path_param
-        self.flush_window = flush_window
+        self.flush_window = check_flush_window(flush_window)
 
     def __repr__(self) -> str:
         return f"<SSEEndpoint path_param={self.path_param!r} authorize={self.authorize!r}>"
@@ -104,10 +111,10 @@ class SSEEndpoint:
         broadcaster = self.broadcaster
         config = broadcaster.config
         session_id = scope.get("path_params", {}).get(self.path_param, "")
-        header: str | None = None
+        header: bytes | None = None
         for name, value in scope["headers"]:
             if name == b"last-event-id":
-                header = value.decode("latin-1")
+                header = value
                 break
         query: str | None = None
         if not header and scope.get("query_string"):
@@ -137,6 +144,9 @@ class SSEEndpoint:
             await _come_back_later(send, broadcaster, str(exc))
             return
 
+        # Taken now: a stream dropped for its send timeout must close its socket.
+        transport = server_transport(receive)
+
         async def write(data: bytes) -> None:
             await send({"type": "http.response.body", "body": data, "more_body": True})
 
@@ -160,11 +170,18 @@ class SSEEndpoint:
             await subscription.aclose()
         if outcome == "timeout":
             # The client's socket is full: an end-of-body could not be written
-            # either. Returning without it makes the server close the connection
-            # (uvicorn logs "ASGI callable returned without completing response").
+            # either. A server's own close() would wait for the client to read
+            # what is buffered, keeping the socket and its buffer for as long as
+            # the client stays: abort the connection.
+            if abort_connection(transport):
+                # Let the server see the connection lost before this returns,
+                # or it reports a response left unfinished.
+                await anyio.lowlevel.checkpoint()
             return
-        with anyio.move_on_after(config.send_timeout, shield=True):
+        with anyio.move_on_after(config.send_timeout, shield=True) as ending:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if ending.cancelled_caught and abort_connection(transport):
+            await anyio.lowlevel.checkpoint()
 
 
 def sse_endpoint(
@@ -172,7 +189,7 @@ def sse_endpoint(
     *,
     authorize: Authorize | None = None,
     path_param: str = "session_id",
-    flush_window: float = 0.001,
+    flush_window: float = FLUSH_WINDOW,
 ) -> SSEEndpoint:
     """An ASGI endpoint streaming the session named by the path parameter.
 
@@ -180,7 +197,10 @@ def sse_endpoint(
     stream resumes from the ``Last-Event-ID`` header (or the ``lastEventId``
     query parameter), opens with ``retry:`` and a ``gap`` event when events may
     have been lost, sends ``: ping`` every ``keepalive_interval`` and drops a
-    client whose socket does not take a write within ``send_timeout``.
+    client whose socket does not take a write within ``send_timeout``. On
+    uvicorn (h11 and httptools) such a client's connection is aborted at
+    once; a server that does not expose its transport closes it as it does
+    for any response left unfinished (see docs/starlette.md).
 
     Answers: 400 for an invalid session id; 403 when `authorize` says no; 200
     with a jittered ``retry:``, a ``Retry-After`` header and an immediate end
@@ -192,16 +212,12 @@ def sse_endpoint(
         authorize: ``authorize(request, session_id)``, sync or async, gets a
             Starlette `Request`; False answers 403 before any event is sent.
         path_param: name of the path parameter holding the session id.
-        flush_window: during a burst (an event newer than the session's
-            last write, less than five windows after it), wait for the
-            session's flush, this many seconds long and shared by all its
-            streams in this process, so that more events join the write. An
-            event after a quiet spell, and the fan-out of one event to a
-            session's streams, are written at once. 0 writes every batch at
-            once.
+        flush_window: seconds a burst of a session's events is held so that
+            more of them join one write; see `sse_broadcaster._streams.FLUSH_WINDOW`
+            and docs/starlette.md. 0 writes every batch at once.
 
     Raises:
-        ValueError: `flush_window` is negative.
+        ValueError: `flush_window` is negative, infinite or NaN.
     """
     return SSEEndpoint(
         broadcaster, authorize=authorize, path_param=path_param, flush_window=flush_window
@@ -233,6 +249,27 @@ def metrics_endpoint(broadcaster: EventBroadcaster) -> Callable[[Request], Await
         return Response(text, media_type=METRICS_CONTENT_TYPE)
 
     return metrics
+
+
+def open_streams(broadcaster: EventBroadcaster) -> int:
+    """How many of the broadcaster's streams are open in this process, on either adapter.
+
+    The ``sse_broadcaster_open_streams`` gauge of `metrics_endpoint`. Subscribers
+    in other processes (a shared backend) are counted by
+    `EventBroadcaster.stats` instead.
+    """
+    return len(registry_for(broadcaster))
+
+
+def close_streams(broadcaster: EventBroadcaster) -> None:
+    """End every open stream of the broadcaster in this process, as a shutdown does.
+
+    Each client is sent the end of its stream; streams that open afterwards
+    are answered "come back later" (200, ``retry:``) until the broadcaster is
+    run again by `lifespan`. `lifespan` calls it on shutdown; call it yourself
+    from the event loop when you stop the server some other way.
+    """
+    registry_for(broadcaster).close_all()
 
 
 def lifespan(

@@ -1,0 +1,364 @@
+"""The open streams of a broadcaster: the registry, its watchdog and the stream pump.
+
+An adapter enters a `Subscription` and hands `run_stream` a coroutine that
+writes bytes to its client. `run_stream` owns the timing: keep-alive comments,
+the send timeout, batching (the flush window), and ending on the server's
+shutdown. One `StreamRegistry` per broadcaster holds its open streams and one
+watchdog timer for all of them. Nothing here imports a web framework.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Literal
+
+import anyio
+
+from ._errors import BroadcasterError, SlowSubscriberError
+from ._event import Event, encode_comment
+from ._lowlevel import current_loop_token, start_ticker
+
+if TYPE_CHECKING:
+    from ._broadcaster import EventBroadcaster
+    from ._config import BroadcasterConfig
+    from ._subscription import Subscription
+
+__all__ = [
+    "FLUSH_WINDOW",
+    "Outcome",
+    "StreamRegistry",
+    "StreamWriter",
+    "check_flush_window",
+    "registry_for",
+    "run_stream",
+]
+
+logger = logging.getLogger("sse_broadcaster")
+
+#: The default ``flush_window`` of `sse_endpoint` and `sse_handler`, in seconds.
+#:
+#: During a burst (an event newer than the session's last write, less than
+#: five windows after it), a stream waits for the session's flush, this many
+#: seconds long and shared by all the session's streams in this process, so
+#: that more events join its write. An event after a quiet spell, and the
+#: fan-out of one event to a session's streams, are written at once.
+#: ``flush_window=0`` writes every batch at once.
+FLUSH_WINDOW = 0.001
+
+#: How a stream ended, as `run_stream` reports it.
+Outcome = Literal["ended", "disconnected", "timeout", "shutdown"]
+
+_PING = encode_comment("ping")
+# Writes closer together than this many flush windows count as a burst.
+_BURST_WINDOWS = 5
+
+
+def check_flush_window(flush_window: float) -> float:
+    """`flush_window` if it is a usable window; a ValueError naming it otherwise."""
+    if not flush_window >= 0 or math.isinf(flush_window):  # also NaN
+        raise ValueError(f"flush_window must be a finite number >= 0, got {flush_window!r}")
+    return flush_window
+
+
+class _Gate:
+    """The flush window of one session's streams in this process: one timer for all.
+
+    A stream woken for an event that no stream of the session has written yet,
+    less than five windows after the session's last write, is in a burst: it
+    waits for the session's flush (started by the first such stream, one
+    window long) so that more events join its write. Streams writing the same
+    event as the one before them (the fan-out of one event) never wait, and the
+    first event after a quiet spell goes out at once.
+    """
+
+    __slots__ = ("flush", "last_event", "last_write", "streams")
+
+    def __init__(self) -> None:
+        self.flush: anyio.Event | None = None
+        self.last_event: Event | None = None
+        self.last_write = 0.0
+        self.streams = 0
+
+    async def wait(self, window: float) -> None:
+        flush = self.flush
+        if flush is not None:
+            await flush.wait()
+            return
+        flush = self.flush = anyio.Event()
+        try:
+            await anyio.sleep(window)
+        finally:
+            # Also when this stream is cancelled: the others must not wait forever.
+            self.flush = None
+            flush.set()
+
+
+class _Stream:
+    """What the shared watchdog knows of one open stream."""
+
+    __slots__ = ("disconnected", "keepalive", "stalled", "stop", "subscription", "writer")
+
+    def __init__(
+        self,
+        writer: StreamWriter,
+        subscription: Subscription,
+        stop: Callable[[Outcome], None],
+        disconnected: Callable[[], bool] | None,
+        keepalive: float,
+        stalled: float,
+    ) -> None:
+        self.writer = writer
+        self.subscription = subscription
+        self.stop = stop
+        self.disconnected = disconnected
+        self.keepalive = keepalive
+        self.stalled = stalled
+
+    def check(self, now: float) -> None:
+        writer = self.writer
+        if writer.busy:
+            if now - writer.started >= self.stalled:
+                self.stop("timeout")
+        elif self.disconnected is not None and self.disconnected():
+            self.stop("disconnected")
+        elif now - writer.last_write >= self.keepalive:
+            # The stream's own task writes the comment: wake it with nothing.
+            self.subscription._interrupt()
+
+
+class StreamRegistry:
+    """The open streams of one broadcaster: ends them on shutdown and watches them.
+
+    One watchdog per registry, not one task per stream: a timer that looks at
+    every stream four times per ``min(keepalive_interval, send_timeout)``. It
+    ends a stream whose write has waited three quarters of ``send_timeout``
+    (so a stalled client is gone at most ``send_timeout`` after the write
+    began), ends a stream whose client has gone (when the adapter can tell),
+    and wakes a stream that has been silent for ``keepalive_interval`` to send
+    ``: ping``.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_gates",
+        "_generation",
+        "_loop",
+        "_streams",
+        "_tick",
+        "closing",
+    )
+
+    def __init__(self) -> None:
+        self._streams: set[_Stream] = set()
+        self._gates: dict[str, _Gate] = {}
+        self._loop: object = None
+        self._tick = math.inf
+        self._generation: object = None
+        self.closing = False
+        """True once `close_all` ran: new streams are told to come back later."""
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def close_all(self) -> None:
+        """End every open stream now; call it from the event loop's thread."""
+        self.closing = True
+        for stream in list(self._streams):
+            stream.stop("shutdown")
+
+    def _watch(self, stream: _Stream, tick: float) -> None:
+        self._streams.add(stream)
+        loop = current_loop_token()
+        if self._loop is not loop or tick < self._tick:
+            # Not ticking on this loop, or too slowly for this stream: a new
+            # timer; the one before stops at its next tick.
+            self._loop = loop
+            self._tick = tick
+            generation = object()
+            self._generation = generation
+            start_ticker(tick, lambda: self._scan(generation))
+
+    def _scan(self, generation: object) -> bool:
+        if generation is not self._generation:
+            return False
+        if not self._streams:
+            self._loop = None
+            self._tick = math.inf
+            return False
+        now = time.monotonic()
+        for stream in list(self._streams):
+            stream.check(now)
+        return True
+
+    def _gate(self, session_id: str) -> _Gate:
+        gate = self._gates.get(session_id)
+        if gate is None:
+            gate = self._gates[session_id] = _Gate()
+        gate.streams += 1
+        return gate
+
+    def _release_gate(self, session_id: str, gate: _Gate) -> None:
+        gate.streams -= 1
+        if gate.streams == 0 and self._gates.get(session_id) is gate:
+            del self._gates[session_id]
+
+
+_REGISTRIES: weakref.WeakKeyDictionary[EventBroadcaster, StreamRegistry] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def registry_for(broadcaster: EventBroadcaster) -> StreamRegistry:
+    """The registry of the broadcaster's open streams (made on first use)."""
+    registry = _REGISTRIES.get(broadcaster)
+    if registry is None:
+        registry = _REGISTRIES[broadcaster] = StreamRegistry()
+    return registry
+
+
+class StreamWriter:
+    """Times the writes of one stream for the watchdog.
+
+    Only the stream's own task writes (events and keep-alive comments alike),
+    so the hot path takes no lock and enters no cancel scope: a write sets a
+    flag and a start time that the watchdog reads.
+    """
+
+    __slots__ = ("_send", "busy", "last_write", "started")
+
+    def __init__(self, send: Callable[[bytes], Awaitable[None]]) -> None:
+        self._send = send
+        self.busy = False
+        self.started = 0.0
+        self.last_write = time.monotonic()
+
+    async def write(self, data: bytes) -> None:
+        self.busy = True
+        self.started = time.monotonic()
+        try:
+            await self._send(data)
+        finally:
+            self.busy = False
+            self.last_write = time.monotonic()
+
+
+async def run_stream(
+    subscription: Subscription,
+    send: Callable[[bytes], Awaitable[None]],
+    *,
+    config: BroadcasterConfig,
+    registry: StreamRegistry,
+    first: bytes = b"",
+    disconnected: Callable[[], bool] | None = None,
+    listen: Callable[[], Awaitable[None]] | None = None,
+    flush_window: float = FLUSH_WINDOW,
+) -> Outcome:
+    """Write the subscription's events to a client until one side ends.
+
+    Each wake-up drains everything queued and sends it in one write. The
+    registry's watchdog (one timer for all its streams, see `StreamRegistry`)
+    has ``: ping`` sent after every ``keepalive_interval`` of silence and ends
+    the stream when a write cannot finish within ``send_timeout``. No lock, no
+    cancel scope and no task per write: the hot path only stamps two times.
+
+    `disconnected` is polled by the watchdog; `listen` returns when the
+    client has gone (an ASGI ``http.disconnect``): it runs in a task of its own.
+    `flush_window`: see `FLUSH_WINDOW` (0: write every batch at once).
+
+    Returns:
+        Why it ended: the subscription "ended" (session or broadcaster closed,
+        slow subscriber), the client "disconnected", a write hit the send
+        "timeout", or the server began its "shutdown".
+    """
+    writer = StreamWriter(send)
+    outcome: Outcome = "ended"
+    keepalive = config.keepalive_interval
+    send_timeout = config.send_timeout
+    scope = anyio.CancelScope()
+
+    def stop(reason: Outcome) -> None:
+        nonlocal outcome
+        if outcome == "ended":
+            outcome = reason
+        scope.cancel()
+
+    async def pump() -> None:
+        session_id = subscription.session_id
+        # A write less than `burst_gap` after the session's last one, of an
+        # event no stream has written yet, means a burst.
+        burst_gap = _BURST_WINDOWS * flush_window
+        gate = registry._gate(session_id) if flush_window > 0 else None
+        try:
+            if first:
+                await writer.write(first)
+                if gate is not None:
+                    gate.last_write = writer.last_write
+            while True:
+                try:
+                    batch = await subscription.receive_batch()
+                except (anyio.EndOfStream, anyio.ClosedResourceError):
+                    return
+                except SlowSubscriberError:
+                    logger.debug("stream of session %r ended: slow subscriber", session_id)
+                    return
+                except BroadcasterError as exc:  # GapError and the like end the stream
+                    logger.info("stream of session %r ended: %s", session_id, exc)
+                    return
+                if not batch:  # woken by the watchdog
+                    if time.monotonic() - writer.last_write >= keepalive:
+                        await writer.write(_PING)
+                    continue
+                if gate is None:
+                    await writer.write(_join(batch))
+                    continue
+                if (
+                    gate.last_event is not batch[-1]
+                    and time.monotonic() - gate.last_write < burst_gap
+                ):
+                    await gate.wait(flush_window)
+                    batch += subscription.drain_nowait()
+                await writer.write(_join(batch))
+                gate.last_write = writer.last_write
+                gate.last_event = batch[-1]
+        except OSError:  # the peer reset the connection (aiohttp raises on write)
+            stop("disconnected")
+        finally:
+            if gate is not None:
+                registry._release_gate(session_id, gate)
+
+    async def listener() -> None:
+        assert listen is not None
+        await listen()
+        stop("disconnected")
+
+    stream = _Stream(
+        writer, subscription, stop, disconnected, keepalive, send_timeout - send_timeout / 4
+    )
+    with scope:
+        # A check every `tick` sees a stalled write at most `tick` late.
+        registry._watch(stream, min(keepalive, send_timeout) / 4)
+        try:
+            if registry.closing:
+                stop("shutdown")
+            if listen is None:
+                await pump()
+            else:
+                async with anyio.create_task_group() as task_group:
+                    task_group.start_soon(listener)
+                    try:
+                        await pump()
+                    finally:
+                        task_group.cancel_scope.cancel()
+        finally:
+            registry._streams.discard(stream)
+    return outcome
+
+
+def _join(batch: list[Event]) -> bytes:
+    if len(batch) == 1:
+        return batch[0].encode()
+    return b"".join([event.encode() for event in batch])
