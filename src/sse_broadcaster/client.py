@@ -758,7 +758,7 @@ class EventSource:
             return _decoders(encodings)
         except ValueError as exc:
             raise EventSourceError(
-                f"GET {response.url} answered Content-Encoding {exc}, which the client "
+                f"GET {response.url} answered Content-Encoding {exc.args[0]!r}, which the client "
                 f"cannot decode (it accepts {ACCEPT_ENCODING})"
             ) from None
 
