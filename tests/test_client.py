@@ -7,6 +7,7 @@ import functools
 import itertools
 import re
 import resource
+import sys
 import threading
 import time
 import zlib
@@ -31,10 +32,14 @@ from sse_broadcaster.client import (
     ServerSentEvent,
     SSEParser,
     _backoff,
+    _unwrap_group,
 )
 from sse_broadcaster.http import aclose_http_clients, create_http_client, get_http_client
 
 from ._http_servers import Connection, Request, serve, serve_uvicorn
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 pytestmark = pytest.mark.anyio
 
@@ -859,6 +864,20 @@ async def test_errors_leave_the_block_as_themselves(client: httpx.AsyncClient) -
                 await source.__anext__()
                 raise KeyError("mine")
         await server.wait_open(0)
+
+
+def test_unwrap_group_raises_a_lone_exception_as_itself() -> None:
+    cause, context = OSError("cause"), ValueError("context")
+    error = EventSourceError("lone")
+    error.__cause__, error.__context__ = cause, context
+    with pytest.raises(EventSourceError) as info, _unwrap_group():
+        raise BaseExceptionGroup("g", [BaseExceptionGroup("inner", [error])])
+    assert info.value is error
+    assert (error.__cause__, error.__context__) == (cause, context)
+    several = BaseExceptionGroup("g", [KeyError(1), KeyboardInterrupt()])
+    with pytest.raises(BaseExceptionGroup) as group_info, _unwrap_group():
+        raise several
+    assert group_info.value is several
 
 
 @functools.cache

@@ -452,10 +452,12 @@ def _unwrap_group() -> Iterator[None]:
         error = group.exceptions[0]
         while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
             error = error.exceptions[0]
+        context = error.__context__  # raising it here would replace it with the group
         try:
-            raise error from group.__cause__
+            raise error
         finally:
-            del error, group
+            error.__context__ = context
+            del error, context
 
 
 class EventSource:
