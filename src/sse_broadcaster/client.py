@@ -489,8 +489,9 @@ class EventSource:
     as it is, not wrapped in an ``ExceptionGroup``.
 
     Raises:
-        ValueError: a delay, multiplier, jitter, ``max_retries`` or
-            ``max_event_size`` is out of range.
+        ValueError: a delay, multiplier, jitter, ``max_retries``,
+            ``max_event_size`` or ``max_last_event_id`` is out of range, or
+            ``last_event_id`` cannot be sent.
     """
 
     def __init__(
@@ -704,10 +705,9 @@ class EventSource:
                 **self._headers,
             }
         )
-        if value is not None:
-            headers["Last-Event-ID"] = "x"  # replaced by the bytes below
-            raw = [(k, value if k.lower() == b"last-event-id" else v) for k, v in headers.raw]
-            headers = httpx.Headers(raw)
+        if value is not None:  # as bytes: httpx would encode a str as ASCII
+            raw = [(k, v) for k, v in headers.raw if k.lower() != b"last-event-id"]
+            headers = httpx.Headers([*raw, (b"Last-Event-ID", value)])
         request = client.build_request(
             "GET",
             self.url,
