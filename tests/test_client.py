@@ -203,6 +203,17 @@ def test_parser_bounds_an_event_that_arrives_in_one_piece() -> None:
     assert SSEParser(max_event_size=10).feed(b"data: 012345678\n\n") == [E(data="012345678")]
 
 
+def test_parser_returns_the_events_before_an_oversized_one() -> None:
+    parser = SSEParser(max_event_size=10)
+    assert parser.feed(b"data: a\n\ndata: b\n\ndata: 0123456789AB\n") == [E(data="a"), E(data="b")]
+    with pytest.raises(OversizedEventError):
+        parser.feed(b"")
+    with pytest.raises(OversizedEventError):
+        parser.feed(b"data: c\n\n", final=True)
+    parser.reset()
+    assert parser.feed(b"data: c\n\n") == [E(data="c")]
+
+
 @pytest.mark.parametrize(
     ("chunks", "data"),
     [
@@ -503,10 +514,17 @@ async def test_retry_after_lengthens_the_wait_up_to_the_cap(client: httpx.AsyncC
     assert 0.28 <= times[1] - times[0] < 5.0
 
 
-async def test_an_oversized_event_stops_the_source(client: httpx.AsyncClient) -> None:
+@pytest.mark.parametrize("together", [False, True], ids=["apart", "same-write"])
+async def test_an_oversized_event_stops_the_source(
+    client: httpx.AsyncClient, together: bool
+) -> None:
     async def script(request: Request, conn: Connection) -> None:
         await conn.start_stream()
-        await conn.send(b"data: small\n\n")
+        small = b"data: small\n\n"
+        if together:  # the event before the oversized one arrives in the same read
+            await conn.send(small + b"data: " + b"x" * 20_000)
+        else:
+            await conn.send(small)
         for _ in range(64):  # 64 KiB with no line break, and more would follow
             await conn.send(b"x" * 1024)
         await conn.hold()

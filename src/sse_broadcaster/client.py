@@ -152,14 +152,19 @@ class SSEParser:
         self._event = ""
         self._message_retry: int | None = None
         self._id_buffer = self.last_event_id
+        self._error: OversizedEventError | None = None
 
     def feed(self, chunk: bytes, *, final: bool = False) -> list[ServerSentEvent]:
         """Parse ``chunk``; ``final`` marks the end of the stream.
 
         Raises:
             OversizedEventError: an event, or a line not finished yet, grew
-                past ``max_event_size``.
+                past ``max_event_size``. The events completed before it in the
+                same chunk are returned first; this call and every later one
+                (until `reset`) then raise.
         """
+        if self._error is not None:
+            raise self._error
         text = self._decoder.decode(chunk, final)
         if not text:
             return []
@@ -179,21 +184,29 @@ class SSEParser:
         lines = _LINE_END.split(text) if "\r" in text else text.split("\n")
         rest = lines.pop()
         events: list[ServerSentEvent] = []
-        if lines:
-            if self._pending:
-                self._pending.append(lines[0])
-                lines[0] = "".join(self._pending)
-                self._pending.clear()
-                self._pending_size = 0
-            for line in lines:
-                event = self._line(line)
-                if event is not None:
-                    events.append(event)
-            self._skip_lf = text[-1] == "\r"
-        if rest:
-            self._pending.append(rest)
-            self._pending_size += len(rest)
-            self._check_size()
+        try:
+            if lines:
+                if self._pending:
+                    self._pending.append(lines[0])
+                    lines[0] = "".join(self._pending)
+                    self._pending.clear()
+                    self._pending_size = 0
+                for line in lines:
+                    event = self._line(line)
+                    if event is not None:
+                        events.append(event)
+                self._skip_lf = text[-1] == "\r"
+            if rest:
+                self._pending.append(rest)
+                self._pending_size += len(rest)
+                self._check_size()
+        except OversizedEventError as exc:
+            self._error = exc
+            self._pending.clear()  # the memory is released now, not at reset()
+            self._data.clear()
+            if not events:
+                raise
+            # Deliver what was complete before the oversized event; raise next time.
         return events
 
     def _check_size(self) -> None:
