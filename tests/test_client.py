@@ -860,6 +860,20 @@ async def test_a_redirect_to_another_scheme_is_not_retried(client: httpx.AsyncCl
         assert server.counters.accepted == 1
 
 
+async def test_a_request_h11_refuses_is_not_retried(client: httpx.AsyncClient) -> None:
+    async def script(request: Request, conn: Connection) -> None:
+        await conn.start_stream()
+        await conn.hold()
+
+    async with serve(sse(script)) as server:
+        source = EventSource(server.url(), client=client, headers={"X-Token": " a"}, **FAST)
+        with pytest.raises(EventSourceError, match="cannot be sent: LocalProtocolError") as info:
+            async with source:
+                await take(source, 1)
+        assert isinstance(info.value.__cause__, httpx.LocalProtocolError)
+        assert source.connections == 1
+
+
 async def test_errors_leave_the_block_as_themselves(client: httpx.AsyncClient) -> None:
     # The documented `except EventSourceError` around the block must match: no
     # ExceptionGroup from the task group inside.
