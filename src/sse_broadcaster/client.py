@@ -221,13 +221,14 @@ class SSEParser:
             return self._dispatch()
         if line[0] == ":":
             return None  # a comment
-        name, colon, value = line.partition(":")
-        if colon and value.startswith(" "):
+        name, _, value = line.partition(":")
+        if value[:1] == " ":
             value = value[1:]
         if name == "data":
             self._data.append(value)
             self._data_size += len(value) + 1
-            self._check_size()
+            if self.max_event_size is not None and self._data_size > self.max_event_size:
+                self._check_size()
         elif name == "event":
             self._event = value
         elif name == "id" and "\0" not in value:
