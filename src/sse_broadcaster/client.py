@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import importlib
 import logging
 import random
 import re
-from collections.abc import AsyncIterator, Callable, Mapping
+import sys
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -39,6 +43,9 @@ from typing_extensions import Self
 from ._errors import BroadcasterError
 from ._validation import check_minimum
 from .http import get_http_client
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = [
     "EventSource",
@@ -57,6 +64,14 @@ logger = logging.getLogger("sse_broadcaster.client")
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 _LINE_END = re.compile(r"\r\n|\r|\n")
+
+# Bytes that no HTTP/1.1 field value may hold (h11 refuses them, even as bytes).
+_UNSENDABLE = re.compile(rb"[\x00\n\r\x0b\x0c]")
+
+# At most this many decompressed bytes exist at once per read: a compressed
+# body is inflated piece by piece, each piece parsed (and the event size limit
+# checked) before the next one is made, so a compression bomb cannot fill memory.
+_PIECE = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +120,13 @@ class SSEParser:
 
     Feed it bytes as they arrive, split anywhere (inside a UTF-8 sequence or
     between the CR and LF of a CRLF); it returns the events completed so far.
+    Its cost is linear in the bytes fed, however the stream is split: only the
+    new bytes are searched for line ends, and an unfinished line is kept as a
+    list of pieces until its end arrives.
     """
+
+    MAX_RETRY = 2**31 - 1
+    """The largest ``retry:`` value kept (ms, about 24.8 days); larger values count as this."""
 
     def __init__(self, last_event_id: str = "", *, max_event_size: int | None = None) -> None:
         if max_event_size is not None and (isinstance(max_event_size, bool) or max_event_size < 1):
@@ -115,7 +136,7 @@ class SSEParser:
         self.last_event_id = last_event_id
         """The last event id string: what a reconnection sends as Last-Event-ID."""
         self.retry: int | None = None
-        """The last valid ``retry:`` value seen, in milliseconds."""
+        """The last valid ``retry:`` value seen, in milliseconds (at most `MAX_RETRY`)."""
         self._id_buffer = last_event_id
         self.reset()
 
@@ -123,22 +144,31 @@ class SSEParser:
         """Start a new stream (a reconnection): drop any half-received event."""
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._bom_checked = False
-        self._pending = ""
+        self._pending: list[str] = []
+        self._pending_size = 0
         self._skip_lf = False
         self._data: list[str] = []
         self._data_size = 0
         self._event = ""
         self._message_retry: int | None = None
         self._id_buffer = self.last_event_id
+        self._error: OversizedEventError | None = None
 
     def feed(self, chunk: bytes, *, final: bool = False) -> list[ServerSentEvent]:
         """Parse ``chunk``; ``final`` marks the end of the stream.
 
         Raises:
-            OversizedEventError: an event grew past ``max_event_size``.
+            OversizedEventError: an event, or a line not finished yet, grew
+                past ``max_event_size``. The events completed before it in the
+                same chunk are returned first; this call and every later one
+                (until `reset`) then raise.
         """
+        if self._error is not None:
+            raise self._error
         text = self._decoder.decode(chunk, final)
-        if not self._bom_checked and text:
+        if not text:
+            return []
+        if not self._bom_checked:
             self._bom_checked = True
             if text[0] == "\ufeff":  # one leading BOM is ignored
                 text = text[1:]
@@ -147,41 +177,64 @@ class SSEParser:
             self._skip_lf = False
             if text[0] == "\n":
                 text = text[1:]
-        buffer = self._pending + text if self._pending else text
+        if not text:
+            return []
+        # Only the new text is split: the pieces of an unfinished line are
+        # joined once, when its end arrives, so the cost stays linear.
+        lines = _LINE_END.split(text) if "\r" in text else text.split("\n")
+        rest = lines.pop()
         events: list[ServerSentEvent] = []
-        start = 0
-        for match in _LINE_END.finditer(buffer):
-            event = self._line(buffer[start : match.start()])
-            if event is not None:
-                events.append(event)
-            start = match.end()
-        self._pending = buffer[start:]
-        if buffer.endswith("\r"):
-            self._skip_lf = True
+        try:
+            if lines:
+                if self._pending:
+                    self._pending.append(lines[0])
+                    lines[0] = "".join(self._pending)
+                    self._pending.clear()
+                    self._pending_size = 0
+                for line in lines:
+                    event = self._line(line)
+                    if event is not None:
+                        events.append(event)
+                self._skip_lf = text[-1] == "\r"
+            if rest:
+                self._pending.append(rest)
+                self._pending_size += len(rest)
+                self._check_size()
+        except OversizedEventError as exc:
+            self._error = exc
+            self._pending.clear()  # the memory is released now, not at reset()
+            self._data.clear()
+            if not events:
+                raise
+            # Deliver what was complete before the oversized event; raise next time.
+        return events
+
+    def _check_size(self) -> None:
         limit = self.max_event_size
-        if limit is not None and self._data_size + len(self._pending) > limit:
+        if limit is not None and self._data_size + self._pending_size > limit:
             raise OversizedEventError(
                 f"an event of the stream exceeded max_event_size ({limit} characters)"
             )
-        return events
 
     def _line(self, line: str) -> ServerSentEvent | None:
         if not line:
             return self._dispatch()
         if line[0] == ":":
             return None  # a comment
-        name, colon, value = line.partition(":")
-        if colon and value.startswith(" "):
+        name, _, value = line.partition(":")
+        if value[:1] == " ":
             value = value[1:]
         if name == "data":
             self._data.append(value)
             self._data_size += len(value) + 1
+            if self.max_event_size is not None and self._data_size > self.max_event_size:
+                self._check_size()
         elif name == "event":
             self._event = value
         elif name == "id" and "\0" not in value:
             self._id_buffer = value
         elif name == "retry" and value.isascii() and value.isdigit():
-            self.retry = self._message_retry = int(value)
+            self.retry = self._message_retry = _retry_ms(value, self.MAX_RETRY)
         # Any other field is ignored.
         return None
 
@@ -195,6 +248,155 @@ class SSEParser:
         return ServerSentEvent(
             id=self.last_event_id, event=event or "message", data="\n".join(data), retry=retry
         )
+
+
+def _retry_ms(digits: str, maximum: int) -> int:
+    """The value of a ``retry:`` field of ASCII digits, at most ``maximum``.
+
+    The length is checked before converting: ``int()`` of thousands of digits
+    is slow, and refused past 4300 digits (CVE-2020-10735).
+    """
+    digits = digits.lstrip("0")
+    if len(digits) > len(str(maximum)):
+        return maximum
+    return min(int(digits or "0"), maximum)
+
+
+def _last_event_id_header(last_event_id: str, limit: int) -> bytes | None:
+    """The ``Last-Event-ID`` header value for ``last_event_id``; None: send none.
+
+    The id goes as its UTF-8 bytes, as the WHATWG standard says ("encoded as
+    UTF-8"), without the spaces and tabs at its ends: HTTP removes them from any
+    field value (RFC 9110, section 5.5), so the server sees what it would see
+    from a browser. An id empty once stripped is not sent, like an empty id.
+
+    Raises:
+        ValueError: the id holds a byte no HTTP header can carry (NUL, LF, CR,
+            VT or FF), or is longer than ``limit`` bytes; the message says which.
+    """
+    try:
+        value = last_event_id.encode("utf-8").strip(b" \t")
+    except UnicodeEncodeError:
+        raise ValueError("is not valid Unicode (it holds a lone surrogate)") from None
+    if _UNSENDABLE.search(value):
+        raise ValueError("holds NUL, LF, CR, VT or FF, which no HTTP header can carry")
+    if len(value) > limit:
+        raise ValueError(f"is {len(value)} bytes in UTF-8, over max_last_event_id ({limit})")
+    return value or None
+
+
+def _load_brotli() -> Any:
+    """The ``brotli`` (or ``brotlicffi``) module if it can bound its output, else None."""
+    for name in ("brotli", "brotlicffi"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        # Only releases with an output limit (brotli 1.2) can be fed safely.
+        if hasattr(module.Decompressor(), "can_accept_more_data"):
+            return module
+    return None
+
+
+_brotli = _load_brotli()
+
+ACCEPT_ENCODING = "gzip, deflate, br" if _brotli is not None else "gzip, deflate"
+"""The ``Accept-Encoding`` an `EventSource` sends: what it can decode with bounded memory."""
+
+
+class _DecodeError(Exception):
+    pass
+
+
+class _ZlibDecoder:
+    """gzip or deflate, inflated at most `_PIECE` bytes at a time."""
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        self._gzip = encoding != "deflate"
+        # zlib-wrapped deflate, as RFC 9110 says; raw deflate is tried if that fails.
+        self._wbits = zlib.MAX_WBITS | 16 if self._gzip else zlib.MAX_WBITS
+        self._inflate = zlib.decompressobj(self._wbits)
+        self._started = False
+
+    def decode(self, data: bytes) -> Iterator[bytes]:
+        while True:
+            try:
+                out = self._inflate.decompress(data, _PIECE)
+            except zlib.error as exc:
+                if self._gzip or self._started or self._wbits < 0:
+                    raise _DecodeError(str(exc)) from exc
+                self._wbits = -zlib.MAX_WBITS
+                self._inflate = zlib.decompressobj(self._wbits)
+                continue
+            self._started = True
+            data = self._inflate.unconsumed_tail
+            if out:
+                yield out
+            if self._inflate.eof:
+                data = self._inflate.unused_data
+                if not (self._gzip and data):
+                    return  # anything after a deflate stream is ignored, as httpx does
+                self._inflate = zlib.decompressobj(self._wbits)  # the next gzip member
+            elif not data and len(out) < _PIECE:
+                return  # all input used and no output held back
+
+
+class _BrotliDecoder:
+    """Brotli, at most about `_PIECE` bytes of output at a time."""
+
+    encoding = "br"
+
+    def __init__(self) -> None:
+        self._brotli = _brotli
+        self._decompressor = _brotli.Decompressor()
+
+    def decode(self, data: bytes) -> Iterator[bytes]:
+        process = self._decompressor.process
+        try:
+            out: bytes = process(data, output_buffer_limit=_PIECE)
+            if out:
+                yield out
+            while len(out) >= _PIECE or not self._decompressor.can_accept_more_data():
+                out = process(b"", output_buffer_limit=_PIECE)
+                if out:
+                    yield out
+        except self._brotli.error as exc:
+            raise _DecodeError(str(exc)) from exc
+
+
+_Decoder = _ZlibDecoder | _BrotliDecoder
+
+
+def _decoders(content_encoding: list[str]) -> list[_Decoder]:
+    """The decoders for a ``Content-Encoding`` list, in the order to apply them.
+
+    Raises:
+        ValueError: an encoding the client does not know.
+    """
+    decoders: list[_Decoder] = []
+    for value in reversed(content_encoding):  # the last one applied is undone first
+        encoding = value.strip().lower()
+        if encoding in ("", "identity"):
+            continue
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            decoders.append(_ZlibDecoder(encoding))
+        elif encoding == "br" and _brotli is not None:
+            decoders.append(_BrotliDecoder())
+        else:
+            raise ValueError(value)
+    return decoders
+
+
+def _decode(decoders: list[_Decoder], data: bytes) -> Iterator[bytes]:
+    """``data`` through every decoder, lazily: one bounded piece at a time."""
+    if not decoders:
+        if data:
+            yield data
+        return
+    first, rest = decoders[0], decoders[1:]
+    for piece in first.decode(data):
+        yield from _decode(rest, piece)
 
 
 def _backoff(
@@ -235,6 +437,36 @@ async def _finish(chunks: AsyncIterator[bytes]) -> None:
                 pass
 
 
+def _shorten(text: str, limit: int = 60) -> str:
+    """``repr(text)``, cut to about ``limit`` characters for an error message."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+@contextlib.contextmanager
+def _unwrap_group() -> Iterator[None]:
+    """Raise the one exception of an ExceptionGroup as itself.
+
+    Several exceptions at once (only possible if a BaseException such as
+    KeyboardInterrupt hits the reader task as the block fails) stay grouped.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) != 1:
+            raise
+        error = group.exceptions[0]
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        context = error.__context__  # raising it here would replace it with the group
+        try:
+            raise error
+        finally:
+            error.__context__ = context
+            del error, context
+
+
 class EventSource:
     """Follows an SSE stream, reconnecting as a browser's ``EventSource`` does.
 
@@ -250,13 +482,23 @@ class EventSource:
     the server asks not to reconnect. ``max_retries`` failures in a row (None:
     never give up) end it with `EventSourceError`. A ``Retry-After`` header
     (seconds) on a retryable status lengthens the wait, up to
-    ``max_reconnect_delay``. An event larger than ``max_event_size`` characters
-    ends it with `OversizedEventError` (memory stays bounded whatever the server
-    sends).
+    ``max_reconnect_delay``, as does a server's ``retry:``. An event larger than
+    ``max_event_size`` characters ends it with `OversizedEventError` (memory
+    stays bounded whatever the server sends, compressed or not).
+
+    ``Last-Event-ID`` is sent as the id's UTF-8 bytes, without spaces or tabs at
+    its ends. An id that cannot be sent (longer than ``max_last_event_id`` bytes,
+    or holding NUL, LF, CR, VT or FF) ends the iteration with `EventSourceError`
+    when a reconnection would need it, rather than resuming from the wrong place.
+
+    Every failure is raised as an `EventSourceError` (the httpx error, if any, as
+    its ``__cause__``); an exception leaving the ``async with`` block propagates
+    as it is, not wrapped in an ``ExceptionGroup``.
 
     Raises:
-        ValueError: a delay, multiplier, jitter, ``max_retries`` or
-            ``max_event_size`` is out of range.
+        ValueError: a delay, multiplier, jitter, ``max_retries``,
+            ``max_event_size`` or ``max_last_event_id`` is out of range, or
+            ``last_event_id`` cannot be sent.
     """
 
     def __init__(
@@ -272,6 +514,7 @@ class EventSource:
         backoff_multiplier: float = 2.0,
         jitter: float = 0.5,
         max_retries: int | None = None,
+        max_last_event_id: int = 4096,
         max_event_size: int | None = 16 * 1024 * 1024,
     ) -> None:
         check_minimum("reconnect_delay", reconnect_delay, 0.0)
@@ -282,8 +525,15 @@ class EventSource:
             raise ValueError(f"jitter must be <= 1, got {jitter!r}")
         if max_retries is not None and (isinstance(max_retries, bool) or max_retries < 0):
             raise ValueError(f"max_retries must be >= 0 or None, got {max_retries!r}")
-        if last_event_id is not None and any(c in last_event_id for c in "\r\n\0"):
-            raise ValueError(f"last_event_id must not contain CR, LF or NUL, got {last_event_id!r}")
+        if isinstance(max_last_event_id, bool) or max_last_event_id < 1:
+            raise ValueError(f"max_last_event_id must be >= 1, got {max_last_event_id!r}")
+        if last_event_id:
+            try:
+                _last_event_id_header(last_event_id, max_last_event_id)
+            except ValueError as exc:
+                raise ValueError(
+                    f"last_event_id cannot be sent: it {exc}, got {_shorten(last_event_id)}"
+                ) from None
         self.url = httpx.URL(url)
         self._client = client
         self._headers = dict(headers or {})
@@ -293,6 +543,7 @@ class EventSource:
         self._multiplier = float(backoff_multiplier)
         self._jitter = float(jitter)
         self._max_retries = max_retries
+        self._max_last_event_id = max_last_event_id
         self._random: Callable[[], float] = random.random
         self._parser = SSEParser(last_event_id or "", max_event_size=max_event_size)
         self._retry_after: float | None = None
@@ -340,7 +591,15 @@ class EventSource:
     ) -> bool | None:
         await self.aclose()
         assert self._task_group is not None
-        return await self._task_group.__aexit__(exc_type, exc_value, traceback)
+        task_group = self._task_group
+        with _unwrap_group():
+            if exc_value is None or isinstance(exc_value, anyio.get_cancelled_exc_class()):
+                return await task_group.__aexit__(exc_type, exc_value, traceback)
+            # The body raised. The reader is cancelled already, so the task group
+            # ends at once; the body's exception propagates as it is, not wrapped
+            # in an ExceptionGroup, so `except EventSourceError` outside matches.
+            await task_group.__aexit__(None, None, None)
+        return None
 
     async def aclose(self) -> None:
         """Stop reading and close the connection; iteration then ends."""
@@ -357,8 +616,10 @@ class EventSource:
         """The next event.
 
         Raises:
-            EventSourceError: the server answered with a status or content type
-                that retrying cannot fix, or ``max_retries`` was reached.
+            EventSourceError: the server answered with a status, content type or
+                encoding that retrying cannot fix, the request cannot be sent
+                (a redirect loop, an id that cannot be sent back), or
+                ``max_retries`` was reached.
             RuntimeError: the source was not entered with ``async with``.
         """
         if self._receive is None:
@@ -384,8 +645,12 @@ class EventSource:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass  # the consumer has gone
             except Exception as exc:  # hand every failure to the consumer
+                error = exc
+                if not isinstance(exc, EventSourceError):
+                    error = EventSourceError(f"GET {self.url} failed: {type(exc).__name__}: {exc}")
+                    error.__cause__ = exc
                 with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    await send.send(exc)
+                    await send.send(error)
 
     async def _follow(self, send: MemoryObjectSendStream[_Item]) -> None:
         client = self._client or get_http_client()
@@ -409,6 +674,11 @@ class EventSource:
             error: httpx.TransportError | None = None
             try:
                 outcome = await self._stream_once(client, send)
+            except (httpx.LocalProtocolError, httpx.UnsupportedProtocol) as exc:
+                # The request itself cannot be sent: sending it again would not help.
+                raise EventSourceError(
+                    f"GET {self.url} cannot be sent: {type(exc).__name__}: {exc}"
+                ) from exc
             except httpx.TransportError as exc:
                 outcome, error = f"{type(exc).__name__}: {exc}", exc
             if outcome is True:  # events arrived: the next failure starts afresh
@@ -427,9 +697,24 @@ class EventSource:
         self, client: httpx.AsyncClient, send: MemoryObjectSendStream[_Item]
     ) -> bool | str | None:
         """One connection: True if it delivered events, None on 204, else why it failed."""
-        headers = {"Accept": "text/event-stream", "Cache-Control": "no-store", **self._headers}
-        if self._parser.last_event_id:
-            headers["Last-Event-ID"] = self._parser.last_event_id
+        last_event_id = self._parser.last_event_id
+        try:
+            value = _last_event_id_header(last_event_id, self._max_last_event_id)
+        except ValueError as exc:
+            raise EventSourceError(
+                f"cannot resume {self.url}: its last event id {_shorten(last_event_id)} {exc}"
+            ) from None
+        headers = httpx.Headers(
+            {
+                "Accept": "text/event-stream",
+                "Accept-Encoding": ACCEPT_ENCODING,
+                "Cache-Control": "no-store",
+                **self._headers,
+            }
+        )
+        if value is not None:  # as bytes: httpx would encode a str as ASCII
+            raw = [(k, v) for k, v in headers.raw if k.lower() != b"last-event-id"]
+            headers = httpx.Headers([*raw, (b"Last-Event-ID", value)])
         request = client.build_request(
             "GET",
             self.url,
@@ -441,17 +726,26 @@ class EventSource:
             verdict = self._check_response(response)
             if verdict is not True:
                 return verdict
+            decoders = self._decoders(response)
             delivered = False
             self._parser.reset()
-            chunks = response.aiter_bytes()
+            # Raw bytes, decoded here: httpx's decoders would inflate a whole
+            # read at once, however large that makes it.
+            chunks = response.aiter_raw()
             try:
                 async for chunk in chunks:
-                    for event in self._parser.feed(chunk):
-                        await send.send(event)
-                        delivered = True
+                    for piece in _decode(decoders, chunk):
+                        for event in self._parser.feed(piece):
+                            await send.send(event)
+                            delivered = True
                     self._apply_retry()
             except httpx.TransportError as exc:
                 return delivered or f"{type(exc).__name__}: {exc}"
+            except _DecodeError as exc:
+                encoding = ", ".join(d.encoding for d in decoders)
+                raise EventSourceError(
+                    f"GET {response.url} answered a body that is not valid {encoding}: {exc}"
+                ) from exc
             finally:
                 await _finish(chunks)
             for event in self._parser.feed(b"", final=True):
@@ -464,7 +758,18 @@ class EventSource:
 
     def _apply_retry(self) -> None:
         if self._parser.retry is not None:
-            self._base_delay = self._parser.retry / 1000
+            # A server's retry: is honoured up to max_reconnect_delay, like Retry-After.
+            self._base_delay = min(self._parser.retry / 1000, self._max_delay)
+
+    def _decoders(self, response: httpx.Response) -> list[_Decoder]:
+        encodings = response.headers.get_list("content-encoding", split_commas=True)
+        try:
+            return _decoders(encodings)
+        except ValueError as exc:
+            raise EventSourceError(
+                f"GET {response.url} answered Content-Encoding {exc.args[0]!r}, which the client "
+                f"cannot decode (it accepts {ACCEPT_ENCODING})"
+            ) from None
 
     def _check_response(self, response: httpx.Response) -> bool | str | None:
         status = response.status_code
