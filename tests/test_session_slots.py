@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import random
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from sse_broadcaster import (
@@ -17,6 +19,8 @@ from sse_broadcaster import (
     Subscription,
 )
 from sse_broadcaster.backends.memory import MemoryBackend
+
+from ._servers import RawStream, open_raw, run_uvicorn, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -407,3 +411,72 @@ async def test_random_operations_keep_only_sessions_that_hold_something() -> Non
         clock.advance(config.event_ttl)
         await broadcaster.cleanup()
         assert sessions(broadcaster) == 0
+
+
+# -- the per-client example of docs/configuration.md, on a real uvicorn ---------------------------
+
+
+def _docs_example() -> dict[str, Any]:
+    """Run the code of 'Limits per client' in docs/configuration.md; its globals."""
+    text = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text("utf-8")
+    section = text.split("## Limits per client", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {"__name__": "docs_example"}
+    exec(compile(code, "docs/configuration.md", "exec"), namespace)
+    return namespace
+
+
+async def _read_until(stream: RawStream, marker: bytes) -> bytes:
+    seen = b""
+    while marker not in seen:
+        chunk = await stream.read_chunk()
+        assert chunk, f"the stream ended before {marker!r}: {seen!r}"
+        seen += chunk
+    return seen
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_per_client_example_refuses_one_client_past_its_limit_only(
+    anyio_backend: str,
+) -> None:
+    example = _docs_example()
+    app, broadcaster = example["app"], example["broadcaster"]
+    limit = example["MAX_STREAMS_PER_CLIENT"]
+    guard = app.routes[0].endpoint
+    assert limit == 3
+    alice = {"X-Client": "alice"}
+    async with run_uvicorn(app) as running, httpx.AsyncClient(timeout=10) as http:
+        url = running.base_url
+        # Nobody listens yet: a POST does not create the room.
+        refused = await http.post(f"{url}/publish/a0", content=b"hi")
+        assert (refused.status_code, refused.text) == (404, "no one listens to this room")
+        assert broadcaster.stats()["totalSessions"] == 0
+        async with AsyncExitStack() as streams:
+            mine = [
+                await streams.enter_async_context(open_raw(url, f"/events/a{i}", alice))
+                for i in range(limit)
+            ]
+            assert [s.status for s in mine] == [200] * limit
+            async with open_raw(url, "/events/a9", alice) as over:
+                assert over.status == 429
+                assert await over.read_body() == b"too many open streams"
+            async with open_raw(url, "/events/b0", {"X-Client": "bob"}) as bob:
+                assert bob.status == 200  # another client is not affected
+                assert broadcaster.stats()["totalSessions"] == limit + 1
+            # A stream of alice's ends: she may open another one.
+            await mine.pop().aclose()
+            await wait_for(lambda: guard.open["alice"] == limit - 1, 10, "the stream to end")
+            replacement = await streams.enter_async_context(open_raw(url, "/events/a8", alice))
+            assert replacement.status == 200
+            # A room someone listens to takes events.
+            published = await http.post(f"{url}/publish/a0", content="héllo".encode())
+            assert published.status_code == 204
+            assert b"data: h\xc3\xa9llo\n" in await _read_until(mine[0], b"h\xc3\xa9llo")
+            bad = await http.post(f"{url}/publish/a0", content=b"\xff")
+            assert bad.status_code == 400
+            assert "not valid UTF-8" in bad.text
+        await wait_for(lambda: not guard.open, 10, "every stream to end")
+        # Every room was left, none retains an event but a0: only a0 holds a slot.
+        await wait_for(
+            lambda: broadcaster.stats()["totalSessions"] == 1, 10, "the rooms to be released"
+        )
