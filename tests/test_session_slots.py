@@ -480,3 +480,16 @@ async def test_the_per_client_example_refuses_one_client_past_its_limit_only(
         await wait_for(
             lambda: broadcaster.stats()["totalSessions"] == 1, 10, "the rooms to be released"
         )
+
+
+async def test_a_refused_publish_to_a_released_session_keeps_its_numbering() -> None:
+    config = BroadcasterConfig(max_history_per_session=0, max_event_bytes=64)
+    async with EventBroadcaster(config) as broadcaster:
+        seen = await broadcaster.publish("room", "x")
+        with pytest.raises(ValueError, match="max_event_bytes=64"):
+            await broadcaster.publish("room", "x" * 100)
+        assert sessions(broadcaster) == 0
+        async with broadcaster.subscribe("room", last_event_id=seen.id) as sub:
+            assert not sub.gap
+        following = await broadcaster.publish("room", "y")
+        assert following.id == seen.id.rpartition("-")[0] + "-2"

@@ -131,13 +131,16 @@ class MemoryBackend:
         ):
             del self._sessions[session.id]
             self._released += 1
-            if session.seq:
-                # Ids of it exist: remember where it stood, without holding a slot.
-                released = self._released_ids
-                released[session.id] = (session.epoch, session.seq, self._hub.clock())
-                limit = self._hub.config.max_sessions
-                if limit is not None and len(released) > limit:
-                    released.popitem(last=False)
+            self._remember(session, self._hub)
+
+    def _remember(self, session: _Session, hub: BackendHub) -> None:
+        """Keep a released session's epoch and last number, when ids of it exist."""
+        if session.seq:
+            released = self._released_ids
+            released[session.id] = (session.epoch, session.seq, hub.clock())
+            limit = hub.config.max_sessions
+            if limit is not None and len(released) > limit:
+                released.popitem(last=False)
 
     def _drop_session(self, session: _Session) -> None:
         del self._sessions[session.id]
@@ -263,6 +266,7 @@ class MemoryBackend:
             # leave a session behind for a refused event.
             if created:
                 del self._sessions[session_id]
+                self._remember(session, hub)  # it may have come back from a release
             raise
         session.seq += 1
         session.last_active = now
