@@ -52,7 +52,7 @@ class MemoryBackend:
     both goes (#10.6), so sessions that hold nothing cannot lock new ones out
     until ``session_ttl``. A released session that had published events leaves
     its epoch and last number behind (for ``session_ttl``, at most
-    ``max_sessions`` of them, oldest forgotten first, no slot held): if it is
+    ``max_sessions`` of them when it is set, oldest forgotten first, no slot held): if it is
     created again it continues that numbering, so a client holding its latest
     id resumes without a gap and one holding an older id is told ``gap``.
     """
@@ -120,8 +120,8 @@ class MemoryBackend:
     def _release_if_idle(self, session: _Session) -> None:
         """Release the session's slot when it retains no event and has no subscriber here.
 
-        Nothing is lost: a reconnect to it with any id is told ``gap``, as it
-        would be after ``session_ttl``; without an id it starts afresh.
+        Its epoch and last number are remembered (`_remember`), so that the ids
+        handed out keep their meaning if it comes back.
         """
         if (
             not session.history
