@@ -241,6 +241,6 @@ async def test_no_task_left_after_connect_disconnect_cycles(adapter: str) -> Non
         await anyio.sleep(0.2)
         left = len(asyncio.all_tasks()) - baseline
         assert open_streams(broadcaster) == 0
-        assert broadcaster.stats()["totalSessions"] == 7
+        assert broadcaster.stats()["totalSessions"] == 0  # no event: the rooms were released
     print(f"\n{adapter}: {left} task(s) left after {CYCLES} connect/disconnect cycles")
     assert left == 0

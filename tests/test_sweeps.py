@@ -61,7 +61,7 @@ async def test_event_ttl_expiry() -> None:
         metrics = await broadcaster.cleanup()
         assert metrics.expired_events_cleaned == 4
         assert cleanup_stats(broadcaster) == {
-            "totalSessions": 2,
+            "totalSessions": 1,  # "b" retains nothing now: released, not expired
             "totalSubscribers": 0,
             "totalEvents": 2,
             "expiredEventsCleaned": 4,

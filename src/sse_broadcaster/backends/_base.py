@@ -26,7 +26,7 @@ class BackendCounts(NamedTuple):
     """What `Backend.counts` answers: O(1) figures for `EventBroadcaster.stats`."""
 
     sessions: int
-    """Sessions the backend holds (a shared backend: the sessions followed here)."""
+    """Sessions holding a ``max_sessions`` slot (a shared backend: those followed here)."""
     events: int
     """Events retained in history (a shared backend: as of its last sweep)."""
     estimate_bytes: int
@@ -107,7 +107,12 @@ class Backend(Protocol):
         """
 
     async def detach(self, session_id: str) -> None:
-        """This process may have no subscriber of the session left."""
+        """This process may have no subscriber of the session left.
+
+        A session with no subscriber here and no retained event must not keep
+        a ``max_sessions`` slot (#10.6): release it here, and where expiry or
+        eviction empties it, not at ``session_ttl``.
+        """
 
     async def history(self, session_id: str, after: str | None) -> list[Event]:
         """Retained events of the session after `after` (all when None or unknown)."""

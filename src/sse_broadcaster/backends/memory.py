@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import secrets
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from itertools import islice
 
@@ -14,6 +14,7 @@ __all__ = ["MemoryBackend"]
 # Rough per-object costs for the memory estimate (CPython 3.11, 64-bit).
 _EVENT_OVERHEAD = 240  # Event object, its id str and index entries
 _SESSION_OVERHEAD = 900  # _Session object, dict entry, empty history deque
+_RELEASED_OVERHEAD = 250  # a released session's entry: id, epoch, tuple, dict entry
 # The index is compacted once it holds more stale entries than this and than live ones.
 _COMPACT_MIN = 1024
 
@@ -45,6 +46,15 @@ class MemoryBackend:
     in it as stale entries, and the deque is compacted when they outnumber the
     live ones, so its length stays within twice the retained count (amortised
     O(1) per event).
+
+    A session holds a ``max_sessions`` slot only while it has a subscriber in
+    this process or retains an event: it is released at once when the last of
+    both goes (#10.6), so sessions that hold nothing cannot lock new ones out
+    until ``session_ttl``. A released session that had published events leaves
+    its epoch and last number behind (for ``session_ttl``, at most
+    ``max_sessions`` of them when it is set, oldest forgotten first, no slot held): if it is
+    created again it continues that numbering, so a client holding its latest
+    id resumes without a gap and one holding an older id is told ``gap``.
     """
 
     def __init__(self) -> None:
@@ -57,6 +67,12 @@ class MemoryBackend:
         self._events = 0
         self._bytes = 0
         self._closed = False
+        # Sessions released for holding nothing (no subscriber, no event), and events
+        # expired outside a sweep (to make room under max_sessions), for the next sweep.
+        self._released = 0
+        self._expired_early = 0
+        # session id -> (epoch, last n, when released), in release order.
+        self._released_ids: OrderedDict[str, tuple[str, int, float]] = OrderedDict()
 
     def _require_hub(self) -> BackendHub:
         if self._hub is None or self._closed:
@@ -72,6 +88,7 @@ class MemoryBackend:
         self._closed = True
         self._sessions.clear()
         self._index.clear()
+        self._released_ids.clear()
         self._stale = self._events = self._bytes = 0
 
     # -- sessions ----------------------------------------------------------------------
@@ -81,13 +98,49 @@ class MemoryBackend:
         if session is None:
             limit = hub.config.max_sessions
             if limit is not None and len(self._sessions) >= limit:
+                # Events past event_ttl no longer hold their sessions: expire them now
+                # rather than at the next sweep (the cost is what is removed).
+                self._expired_early += self._expire(hub)
+            if limit is not None and len(self._sessions) >= limit:
                 raise SessionLimitError(
                     f"cannot create session {session_id!r}: max_sessions={limit} reached"
                 )
-            self._epochs += 1
-            session = _Session(session_id, f"{self._token}{self._epochs:x}", hub.clock())
+            released = self._released_ids.pop(session_id, None)
+            if released is None:
+                self._epochs += 1
+                session = _Session(session_id, f"{self._token}{self._epochs:x}", hub.clock())
+            else:
+                # Continue the released session's numbering: its ids stay meaningful.
+                epoch, seq, _ = released
+                session = _Session(session_id, epoch, hub.clock())
+                session.seq = seq
             self._sessions[session_id] = session
         return session
+
+    def _release_if_idle(self, session: _Session) -> None:
+        """Release the session's slot when it retains no event and has no subscriber here.
+
+        Its epoch and last number are remembered (`_remember`), so that the ids
+        handed out keep their meaning if it comes back.
+        """
+        if (
+            not session.history
+            and self._sessions.get(session.id) is session
+            and self._hub is not None
+            and not self._hub.has_subscribers(session.id)
+        ):
+            del self._sessions[session.id]
+            self._released += 1
+            self._remember(session, self._hub)
+
+    def _remember(self, session: _Session, hub: BackendHub) -> None:
+        """Keep a released session's epoch and last number, when ids of it exist."""
+        if session.seq:
+            released = self._released_ids
+            released[session.id] = (session.epoch, session.seq, hub.clock())
+            limit = hub.config.max_sessions
+            if limit is not None and len(released) > limit:
+                released.popitem(last=False)
 
     def _drop_session(self, session: _Session) -> None:
         del self._sessions[session.id]
@@ -122,14 +175,36 @@ class MemoryBackend:
             return False
         return int(n) > session.seq - len(session.history)
 
-    def _pop_index(self) -> None:
-        """Remove the globally oldest index entry, evicting its event if still retained."""
+    def _pop_index(self) -> bool:
+        """Remove the globally oldest index entry, evicting its event if still retained.
+
+        An emptied session with no subscriber is released. True when an event was evicted.
+        """
         event = self._index.popleft()
         session = self._sessions.get(event.session_id)
         if session is not None and session.history and session.history[0] is event:
             self._evict_oldest(session)
-        else:
-            self._stale -= 1
+            if not session.history:
+                self._release_if_idle(session)
+            return True
+        self._stale -= 1
+        return False
+
+    def _expire(self, hub: BackendHub) -> int:
+        """Evict the events past event_ttl; how many were retained.
+
+        The index is in publish order, so they are at its left end: the cost is
+        what is removed, not what is retained.
+        """
+        ttl = hub.config.event_ttl
+        if ttl is None:
+            return 0
+        cutoff = hub.clock() - ttl
+        index = self._index
+        expired = 0
+        while index and index[0].timestamp <= cutoff:
+            expired += self._pop_index()
+        return expired
 
     def _retained(self, session: _Session, now: float) -> tuple[int, deque[Event] | list[Event]]:
         """(n of the first retained event, events) ignoring those past event_ttl."""
@@ -191,6 +266,7 @@ class MemoryBackend:
             # leave a session behind for a refused event.
             if created:
                 del self._sessions[session_id]
+                self._remember(session, hub)  # it may have come back from a release
             raise
         session.seq += 1
         session.last_active = now
@@ -215,6 +291,10 @@ class MemoryBackend:
             if self._stale > _COMPACT_MIN:
                 self._maybe_compact()
         hub.deliver(session_id, new)
+        if not session.history:
+            # Nothing retained (max_history_per_session=0): the slot is held only
+            # while someone here listens.
+            self._release_if_idle(session)
         return new
 
     async def attach(
@@ -223,7 +303,7 @@ class MemoryBackend:
         hub = self._require_hub()
         exists = session_id in self._sessions
         session = self._session(session_id, hub)
-        if not exists and last_event_id is not None:
+        if not exists and not session.seq and last_event_id is not None:
             replay = Replay((), True)  # the session is gone, and its history with it
         else:
             replay = self._after(session, last_event_id)
@@ -235,6 +315,7 @@ class MemoryBackend:
         session = self._sessions.get(session_id)
         if session is not None and self._hub is not None:
             session.last_active = self._hub.clock()
+            self._release_if_idle(session)
 
     async def history(self, session_id: str, after: str | None) -> list[Event]:
         session = self._sessions.get(session_id)
@@ -247,7 +328,8 @@ class MemoryBackend:
     async def close_session(self, session_id: str) -> bool:
         session = self._sessions.get(session_id)
         if session is None:
-            return False
+            # Released: forget it too, so that its ids read as a gap from now on.
+            return self._released_ids.pop(session_id, None) is not None
         self._drop_session(session)
         return True
 
@@ -255,18 +337,8 @@ class MemoryBackend:
         hub = self._require_hub()
         config = hub.config
         now = hub.clock()
-        expired = 0
-        if config.event_ttl is not None:
-            # The index is in publish order, so expired events are at its left end:
-            # the cost is what is removed, not what is retained.
-            cutoff = now - config.event_ttl
-            index = self._index
-            while index and index[0].timestamp <= cutoff:
-                event = index[0]
-                session = self._sessions.get(event.session_id)
-                live = bool(session and session.history and session.history[0] is event)
-                self._pop_index()
-                expired += live
+        expired = self._expire(hub) + self._expired_early
+        self._expired_early = 0
         idle_before = now - config.session_ttl
         gone = [
             s
@@ -275,6 +347,9 @@ class MemoryBackend:
         ]
         for session in gone:
             self._drop_session(session)
+        released = self._released_ids
+        while released and next(iter(released.values()))[2] <= idle_before:
+            released.popitem(last=False)
         return SweepResult(expired, len(gone), tuple(s.id for s in gone))
 
     def counts(self) -> BackendCounts:
@@ -283,6 +358,7 @@ class MemoryBackend:
             + self._events * _EVENT_OVERHEAD
             + len(self._sessions) * _SESSION_OVERHEAD
             + len(self._index) * 8
+            + len(self._released_ids) * _RELEASED_OVERHEAD
         )
         return BackendCounts(len(self._sessions), self._events, estimate)
 
@@ -292,4 +368,6 @@ class MemoryBackend:
             "sessions": len(self._sessions),
             "retainedEvents": self._events,
             "historyBytes": self._bytes,
+            "sessionsReleased": self._released,
+            "releasedSessionsRemembered": len(self._released_ids),
         }
