@@ -21,18 +21,13 @@ connection, whichever event loop runs it.
 
 from __future__ import annotations
 
-import codecs
 import contextlib
-import importlib
 import logging
 import random
 import re
 import sys
-import zlib
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
 
 import anyio
 import anyio.abc
@@ -40,7 +35,15 @@ import httpx
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from typing_extensions import Self
 
-from ._errors import BroadcasterError
+from ._decoding import ACCEPT_ENCODING, DecodeError, Decoder, decode, decoders
+from ._sse import (
+    EventSourceError,
+    InvalidContentTypeError,
+    InvalidStatusError,
+    OversizedEventError,
+    ServerSentEvent,
+    SSEParser,
+)
 from ._validation import check_minimum
 from .http import get_http_client
 
@@ -48,6 +51,7 @@ if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = [
+    "ACCEPT_ENCODING",
     "EventSource",
     "EventSourceError",
     "InvalidContentTypeError",
@@ -57,209 +61,26 @@ __all__ = [
     "ServerSentEvent",
 ]
 
+# Reprs and the docs name the public module, not the private one.
+for _cls in (
+    EventSourceError,
+    InvalidContentTypeError,
+    InvalidStatusError,
+    OversizedEventError,
+    SSEParser,
+    ServerSentEvent,
+):
+    _cls.__module__ = __name__
+del _cls
+
 logger = logging.getLogger("sse_broadcaster.client")
 
 # Statuses worth retrying: the server or something in front of it is briefly
 # unable to answer. Any other non-2xx answer will not fix itself.
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
-_LINE_END = re.compile(r"\r\n|\r|\n")
-
 # Bytes that no HTTP/1.1 field value may hold (h11 refuses them, even as bytes).
 _UNSENDABLE = re.compile(rb"[\x00\n\r\x0b\x0c]")
-
-# At most this many decompressed bytes exist at once per read: a compressed
-# body is inflated piece by piece, each piece parsed (and the event size limit
-# checked) before the next one is made, so a compression bomb cannot fill memory.
-_PIECE = 64 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class ServerSentEvent:
-    """One event received from an SSE stream."""
-
-    id: str = ""
-    """The last event id when the event was dispatched ("" if none yet), as in browsers."""
-    event: str = "message"
-    """The event type; "message" when the stream named none."""
-    data: str = ""
-    """The data lines of the event, joined with LF."""
-    retry: int | None = None
-    """The ``retry:`` value (milliseconds) sent in the same message, if any."""
-
-
-class EventSourceError(BroadcasterError):
-    """The stream cannot be (re)opened: retrying would not help.
-
-    Raised from the `EventSource` iterator; the source is closed afterwards.
-    """
-
-
-class OversizedEventError(EventSourceError):
-    """An event of the stream grew past ``max_event_size``."""
-
-
-class InvalidStatusError(EventSourceError):
-    """The server answered with a status that is neither 2xx nor retryable."""
-
-    def __init__(self, message: str, *, status_code: int) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-
-
-class InvalidContentTypeError(EventSourceError):
-    """The server answered 2xx, but not with ``Content-Type: text/event-stream``."""
-
-    def __init__(self, message: str, *, content_type: str) -> None:
-        super().__init__(message)
-        self.content_type = content_type
-
-
-class SSEParser:
-    """An incremental parser of ``text/event-stream`` bytes.
-
-    Feed it bytes as they arrive, split anywhere (inside a UTF-8 sequence or
-    between the CR and LF of a CRLF); it returns the events completed so far.
-    Its cost is linear in the bytes fed, however the stream is split: only the
-    new bytes are searched for line ends, and an unfinished line is kept as a
-    list of pieces until its end arrives.
-    """
-
-    MAX_RETRY = 2**31 - 1
-    """The largest ``retry:`` value kept (ms, about 24.8 days); larger values count as this."""
-
-    def __init__(self, last_event_id: str = "", *, max_event_size: int | None = None) -> None:
-        if max_event_size is not None and (isinstance(max_event_size, bool) or max_event_size < 1):
-            raise ValueError(f"max_event_size must be >= 1 or None, got {max_event_size!r}")
-        self.max_event_size = max_event_size
-        """Characters an event (its data and unfinished line) may reach; None: no limit."""
-        self.last_event_id = last_event_id
-        """The last event id string: what a reconnection sends as Last-Event-ID."""
-        self.retry: int | None = None
-        """The last valid ``retry:`` value seen, in milliseconds (at most `MAX_RETRY`)."""
-        self._id_buffer = last_event_id
-        self.reset()
-
-    def reset(self) -> None:
-        """Start a new stream (a reconnection): drop any half-received event."""
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._bom_checked = False
-        self._pending: list[str] = []
-        self._pending_size = 0
-        self._skip_lf = False
-        self._data: list[str] = []
-        self._data_size = 0
-        self._event = ""
-        self._message_retry: int | None = None
-        self._id_buffer = self.last_event_id
-        self._error: OversizedEventError | None = None
-
-    def feed(self, chunk: bytes, *, final: bool = False) -> list[ServerSentEvent]:
-        """Parse ``chunk``; ``final`` marks the end of the stream.
-
-        Raises:
-            OversizedEventError: an event, or a line not finished yet, grew
-                past ``max_event_size``. The events completed before it in the
-                same chunk are returned first; this call and every later one
-                (until `reset`) then raise.
-        """
-        if self._error is not None:
-            raise self._error
-        text = self._decoder.decode(chunk, final)
-        if not text:
-            return []
-        if not self._bom_checked:
-            self._bom_checked = True
-            if text[0] == "\ufeff":  # one leading BOM is ignored
-                text = text[1:]
-        if self._skip_lf and text:
-            # The previous text ended with CR: a LF now belongs to that CRLF.
-            self._skip_lf = False
-            if text[0] == "\n":
-                text = text[1:]
-        if not text:
-            return []
-        # Only the new text is split: the pieces of an unfinished line are
-        # joined once, when its end arrives, so the cost stays linear.
-        lines = _LINE_END.split(text) if "\r" in text else text.split("\n")
-        rest = lines.pop()
-        events: list[ServerSentEvent] = []
-        try:
-            if lines:
-                if self._pending:
-                    self._pending.append(lines[0])
-                    lines[0] = "".join(self._pending)
-                    self._pending.clear()
-                    self._pending_size = 0
-                for line in lines:
-                    event = self._line(line)
-                    if event is not None:
-                        events.append(event)
-                self._skip_lf = text[-1] == "\r"
-            if rest:
-                self._pending.append(rest)
-                self._pending_size += len(rest)
-                self._check_size()
-        except OversizedEventError as exc:
-            self._error = exc
-            self._pending.clear()  # the memory is released now, not at reset()
-            self._data.clear()
-            if not events:
-                raise
-            # Deliver what was complete before the oversized event; raise next time.
-        return events
-
-    def _check_size(self) -> None:
-        limit = self.max_event_size
-        if limit is not None and self._data_size + self._pending_size > limit:
-            raise OversizedEventError(
-                f"an event of the stream exceeded max_event_size ({limit} characters)"
-            )
-
-    def _line(self, line: str) -> ServerSentEvent | None:
-        if not line:
-            return self._dispatch()
-        if line[0] == ":":
-            return None  # a comment
-        name, _, value = line.partition(":")
-        if value[:1] == " ":
-            value = value[1:]
-        if name == "data":
-            self._data.append(value)
-            self._data_size += len(value) + 1
-            if self.max_event_size is not None and self._data_size > self.max_event_size:
-                self._check_size()
-        elif name == "event":
-            self._event = value
-        elif name == "id" and "\0" not in value:
-            self._id_buffer = value
-        elif name == "retry" and value.isascii() and value.isdigit():
-            self.retry = self._message_retry = _retry_ms(value, self.MAX_RETRY)
-        # Any other field is ignored.
-        return None
-
-    def _dispatch(self) -> ServerSentEvent | None:
-        self.last_event_id = self._id_buffer
-        data, event, retry = self._data, self._event, self._message_retry
-        self._data, self._event, self._message_retry = [], "", None
-        self._data_size = 0
-        if not data:
-            return None
-        return ServerSentEvent(
-            id=self.last_event_id, event=event or "message", data="\n".join(data), retry=retry
-        )
-
-
-def _retry_ms(digits: str, maximum: int) -> int:
-    """The value of a ``retry:`` field of ASCII digits, at most ``maximum``.
-
-    The length is checked before converting: ``int()`` of thousands of digits
-    is slow, and refused past 4300 digits (CVE-2020-10735).
-    """
-    digits = digits.lstrip("0")
-    if len(digits) > len(str(maximum)):
-        return maximum
-    return min(int(digits or "0"), maximum)
 
 
 def _last_event_id_header(last_event_id: str, limit: int) -> bytes | None:
@@ -283,120 +104,6 @@ def _last_event_id_header(last_event_id: str, limit: int) -> bytes | None:
     if len(value) > limit:
         raise ValueError(f"is {len(value)} bytes in UTF-8, over max_last_event_id ({limit})")
     return value or None
-
-
-def _load_brotli() -> Any:
-    """The ``brotli`` (or ``brotlicffi``) module if it can bound its output, else None."""
-    for name in ("brotli", "brotlicffi"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        # Only releases with an output limit (brotli 1.2) can be fed safely.
-        if hasattr(module.Decompressor(), "can_accept_more_data"):
-            return module
-    return None
-
-
-_brotli = _load_brotli()
-
-ACCEPT_ENCODING = "gzip, deflate, br" if _brotli is not None else "gzip, deflate"
-"""The ``Accept-Encoding`` an `EventSource` sends: what it can decode with bounded memory."""
-
-
-class _DecodeError(Exception):
-    pass
-
-
-class _ZlibDecoder:
-    """gzip or deflate, inflated at most `_PIECE` bytes at a time."""
-
-    def __init__(self, encoding: str) -> None:
-        self.encoding = encoding
-        self._gzip = encoding != "deflate"
-        # zlib-wrapped deflate, as RFC 9110 says; raw deflate is tried if that fails.
-        self._wbits = zlib.MAX_WBITS | 16 if self._gzip else zlib.MAX_WBITS
-        self._inflate = zlib.decompressobj(self._wbits)
-        self._started = False
-
-    def decode(self, data: bytes) -> Iterator[bytes]:
-        while True:
-            try:
-                out = self._inflate.decompress(data, _PIECE)
-            except zlib.error as exc:
-                if self._gzip or self._started or self._wbits < 0:
-                    raise _DecodeError(str(exc)) from exc
-                self._wbits = -zlib.MAX_WBITS
-                self._inflate = zlib.decompressobj(self._wbits)
-                continue
-            self._started = True
-            data = self._inflate.unconsumed_tail
-            if out:
-                yield out
-            if self._inflate.eof:
-                data = self._inflate.unused_data
-                if not (self._gzip and data):
-                    return  # anything after a deflate stream is ignored, as httpx does
-                self._inflate = zlib.decompressobj(self._wbits)  # the next gzip member
-            elif not data and len(out) < _PIECE:
-                return  # all input used and no output held back
-
-
-class _BrotliDecoder:
-    """Brotli, at most about `_PIECE` bytes of output at a time."""
-
-    encoding = "br"
-
-    def __init__(self) -> None:
-        self._brotli = _brotli
-        self._decompressor = _brotli.Decompressor()
-
-    def decode(self, data: bytes) -> Iterator[bytes]:
-        process = self._decompressor.process
-        try:
-            out: bytes = process(data, output_buffer_limit=_PIECE)
-            if out:
-                yield out
-            while len(out) >= _PIECE or not self._decompressor.can_accept_more_data():
-                out = process(b"", output_buffer_limit=_PIECE)
-                if out:
-                    yield out
-        except self._brotli.error as exc:
-            raise _DecodeError(str(exc)) from exc
-
-
-_Decoder = _ZlibDecoder | _BrotliDecoder
-
-
-def _decoders(content_encoding: list[str]) -> list[_Decoder]:
-    """The decoders for a ``Content-Encoding`` list, in the order to apply them.
-
-    Raises:
-        ValueError: an encoding the client does not know.
-    """
-    decoders: list[_Decoder] = []
-    for value in reversed(content_encoding):  # the last one applied is undone first
-        encoding = value.strip().lower()
-        if encoding in ("", "identity"):
-            continue
-        if encoding in ("gzip", "x-gzip", "deflate"):
-            decoders.append(_ZlibDecoder(encoding))
-        elif encoding == "br" and _brotli is not None:
-            decoders.append(_BrotliDecoder())
-        else:
-            raise ValueError(value)
-    return decoders
-
-
-def _decode(decoders: list[_Decoder], data: bytes) -> Iterator[bytes]:
-    """``data`` through every decoder, lazily: one bounded piece at a time."""
-    if not decoders:
-        if data:
-            yield data
-        return
-    first, rest = decoders[0], decoders[1:]
-    for piece in first.decode(data):
-        yield from _decode(rest, piece)
 
 
 def _backoff(
@@ -734,14 +441,14 @@ class EventSource:
             chunks = response.aiter_raw()
             try:
                 async for chunk in chunks:
-                    for piece in _decode(decoders, chunk):
+                    for piece in decode(decoders, chunk):
                         for event in self._parser.feed(piece):
                             await send.send(event)
                             delivered = True
                     self._apply_retry()
             except httpx.TransportError as exc:
                 return delivered or f"{type(exc).__name__}: {exc}"
-            except _DecodeError as exc:
+            except DecodeError as exc:
                 encoding = ", ".join(d.encoding for d in decoders)
                 raise EventSourceError(
                     f"GET {response.url} answered a body that is not valid {encoding}: {exc}"
@@ -761,10 +468,10 @@ class EventSource:
             # A server's retry: is honoured up to max_reconnect_delay, like Retry-After.
             self._base_delay = min(self._parser.retry / 1000, self._max_delay)
 
-    def _decoders(self, response: httpx.Response) -> list[_Decoder]:
+    def _decoders(self, response: httpx.Response) -> list[Decoder]:
         encodings = response.headers.get_list("content-encoding", split_commas=True)
         try:
-            return _decoders(encodings)
+            return decoders(encodings)
         except ValueError as exc:
             raise EventSourceError(
                 f"GET {response.url} answered Content-Encoding {exc.args[0]!r}, which the client "
