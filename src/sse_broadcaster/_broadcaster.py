@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -16,6 +16,7 @@ from ._config import BroadcasterConfig
 from ._event import Event
 from ._hub import Hub
 from ._metrics import Counters, MemoryMetrics, MemoryWatch, render_metrics
+from ._multi import UNKNOWN_POSITION, MultiSubscription, parse_cursor
 from ._subscription import Subscription
 from ._types import Clock, MemoryPressureHook, check_session_id
 from .backends._base import Backend
@@ -257,6 +258,54 @@ class EventBroadcaster:
         elif last_event_id is not None and not isinstance(last_event_id, str):
             raise TypeError(f"last_event_id must be a str or None, got {last_event_id!r}")
         return Subscription(self._hub, session_id, last_event_id)
+
+    def subscribe_many(
+        self, session_ids: Sequence[str], *, cursor: str | None = None
+    ) -> MultiSubscription:
+        """One subscription to several sessions, resumable with one cursor (an SSE id).
+
+        Enter it with ``async with``; it enters one `Subscription` per session,
+        with the usual limits. `cursor` is a `MultiSubscription.cursor` the
+        client received (its Last-Event-ID): each session resumes from its
+        position in it, with no duplicate and no hole. A session the cursor has
+        no position for (added since, or a cursor that is malformed, too long,
+        of another version or of other sessions) resumes with a gap and replays
+        what is retained; such a cursor never raises. None (or "") is a new
+        subscriber: no replay, no gap.
+
+        Raises:
+            ValueError: no session, more than ``max_sessions_per_subscription``,
+                a session twice, or a bad session id (here); on entry,
+                `SessionLimitError`, `SubscriberLimitError` or
+                `BroadcasterClosedError` (the sessions entered before are closed).
+        """
+        if isinstance(session_ids, str):
+            raise TypeError(f"session_ids must be a sequence of session ids, got {session_ids!r}")
+        ids = tuple(session_ids)
+        if not ids:
+            raise ValueError("session_ids must name at least one session, got none")
+        limit = self._config.max_sessions_per_subscription
+        if len(ids) > limit:
+            raise ValueError(
+                f"session_ids names {len(ids)} sessions: max_sessions_per_subscription={limit}"
+            )
+        seen: set[str] = set()
+        for session_id in ids:
+            check_session_id(session_id)
+            if session_id in seen:
+                raise ValueError(f"session_ids names session {session_id!r} more than once")
+            seen.add(session_id)
+        if cursor == "":
+            cursor = None
+        elif cursor is not None and not isinstance(cursor, str):
+            raise TypeError(f"cursor must be a str or None, got {cursor!r}")
+        hub = self._hub
+        if cursor is None:
+            return MultiSubscription([Subscription(hub, sid, None) for sid in ids])
+        positions = parse_cursor(cursor, ids, limit)
+        return MultiSubscription(
+            [Subscription(hub, sid, positions[sid] or UNKNOWN_POSITION) for sid in ids]
+        )
 
     def subscriber_count(self, session_id: str) -> int:
         """Subscriptions of the session open in this process (0 for an unknown session).

@@ -229,7 +229,8 @@ class MemoryBackend:
             replay = self._after(session, last_event_id)
         session.last_active = hub.clock()
         register()
-        return replay
+        # "<epoch>-0" for an empty session: `_after` replays all of it with no gap.
+        return Replay(replay.events, replay.gap, f"{session.epoch}-{session.seq}")
 
     async def detach(self, session_id: str) -> None:
         session = self._sessions.get(session_id)
