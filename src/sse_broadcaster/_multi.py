@@ -56,7 +56,9 @@ _timestamp = attrgetter("timestamp")
 
 def session_tag(session_id: str) -> str:
     """The 8 hex digits that stand for the session in a cursor."""
-    return hashlib.blake2b(session_id.encode("utf-8"), digest_size=_TAG_CHARS // 2).hexdigest()
+    # surrogatepass: a session id may hold a lone surrogate (it is no control character).
+    data = session_id.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(data, digest_size=_TAG_CHARS // 2).hexdigest()
 
 
 def max_cursor_length(sessions: int) -> int:
@@ -73,7 +75,9 @@ def encode_cursor(positions: Iterable[tuple[str, str | None]]) -> str:
     )
 
 
-def parse_cursor(cursor: str, session_ids: Sequence[str], max_sessions: int) -> dict[str, str | None]:
+def parse_cursor(
+    cursor: str, session_ids: Sequence[str], max_sessions: int
+) -> dict[str, str | None]:
     """Each session's position in the cursor, None where it is unknown. Never raises.
 
     Everything is unknown for a cursor that is longer than `max_cursor_length`
@@ -99,12 +103,12 @@ def parse_cursor(cursor: str, session_ids: Sequence[str], max_sessions: int) -> 
         match = _ENTRY.fullmatch(entry)
         if match is None:
             return dict.fromkeys(session_ids)
-        session_id = by_tag.get(match[1])
-        if session_id is None:
+        owner = by_tag.get(match[1])
+        if owner is None:
             continue
-        if session_id in found:
-            ambiguous.add(session_id)
-        found[session_id] = match[2]
+        if owner in found:
+            ambiguous.add(owner)
+        found[owner] = match[2]
     for session_id, position in found.items():
         if session_id not in ambiguous:
             resolved[session_id] = position
@@ -220,7 +224,7 @@ class MultiSubscription:
                 return
 
     def drain_nowait(self, max_events: int | None = None) -> list[Event]:
-        """Every queued event of every session (at most `max_events`), possibly none; never raises."""
+        """Every queued event of all sessions (at most `max_events`), maybe none; never raises."""
         if self._ended is None and self._state == _OPEN:
             self._check_ended()
         if max_events is None:
@@ -419,4 +423,3 @@ class MultiSubscription:
         with anyio.CancelScope(shield=True):
             for sub in self._subs:
                 await sub.aclose()
-

@@ -26,7 +26,16 @@ from redis.exceptions import RedisError, ResponseError
 from .._errors import BackendUnavailableError, BroadcasterClosedError, GapError
 from ..backends._base import BackendHub, Replay
 from ._frames import frame_reader, stream_of
-from ._scripts import CLOSE, EMPTY_POSITION, NO_KEY, Key, decode_entries, key_of, message_key, parse_id
+from ._scripts import (
+    CLOSE,
+    EMPTY_POSITION,
+    NO_KEY,
+    Key,
+    decode_entries,
+    key_of,
+    message_key,
+    parse_id,
+)
 from ._sessions import Link, Live, Sessions
 
 __all__ = ["Follower", "ReadStream", "ReadStreams", "Recovery"]
