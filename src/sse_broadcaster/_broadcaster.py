@@ -281,14 +281,16 @@ class EventBroadcaster:
         """
         if isinstance(session_ids, str):
             raise TypeError(f"session_ids must be a sequence of session ids, got {session_ids!r}")
+        limit = self._config.max_sessions_per_subscription
+        # Checked before copying: the list may come from a client.
+        if len(session_ids) > limit:
+            raise ValueError(
+                f"session_ids names {len(session_ids)} sessions: "
+                f"max_sessions_per_subscription={limit}"
+            )
         ids = tuple(session_ids)
         if not ids:
             raise ValueError("session_ids must name at least one session, got none")
-        limit = self._config.max_sessions_per_subscription
-        if len(ids) > limit:
-            raise ValueError(
-                f"session_ids names {len(ids)} sessions: max_sessions_per_subscription={limit}"
-            )
         seen: set[str] = set()
         for session_id in ids:
             check_session_id(session_id)

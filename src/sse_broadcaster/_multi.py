@@ -364,9 +364,10 @@ class MultiSubscription:
         """Enter every session's subscription, in order; on a failure, close those entered.
 
         Raises:
-            SessionLimitError, SubscriberLimitError, BroadcasterClosedError,
-                BackendUnavailableError: as `Subscription` entry does, for the first
-                session that fails.
+            SessionLimitError: a session is new and ``max_sessions`` is reached.
+            SubscriberLimitError: a session has ``max_subscribers_per_session``.
+            BroadcasterClosedError: the broadcaster is not running.
+            BackendUnavailableError: the backend could not attach a session.
         """
         if self._state != _NEW or self._released:
             raise RuntimeError("a multi-subscription can be entered only once")
