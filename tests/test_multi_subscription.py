@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sse_broadcaster import (
+    BroadcasterClosedError,
     BroadcasterConfig,
     Event,
     EventBroadcaster,
@@ -527,6 +528,33 @@ async def test_a_drop_policy_applies_per_session(open_broadcaster: Opener) -> No
         assert by_session(events) == {"a": ["a0"], "b": ["b3", "b4"]}
 
 
+async def test_disconnecting_one_session_ends_the_stream_and_resumes_with_no_gap(
+    open_broadcaster: Opener,
+) -> None:
+    async with open_broadcaster() as broadcaster:
+        async with broadcaster.subscribe_many(["a", "b"]) as multi:
+            await publish_each(broadcaster, ["a", "b"], 1)
+            await wait_until(lambda: multi.queued == 2)
+            assert broadcaster.disconnect_subscribers("a") == 1
+            with anyio.fail_after(5):
+                assert by_session([e async for e in multi]) == {"a": ["a0"], "b": ["b0"]}
+            assert multi.ended_session == "a"
+            cursor = multi.cursor
+        await publish_each(broadcaster, ["a", "b"], 2, 1)
+        async with broadcaster.subscribe_many(["a", "b"], cursor=cursor) as multi:
+            assert multi.gaps == frozenset()
+            assert by_session(multi.drain_nowait()) == {"a": ["a1"], "b": ["b1"]}
+        assert_nothing_held(broadcaster, "a", "b")
+
+
+async def test_entering_a_broadcaster_not_running_leaks_nothing() -> None:
+    broadcaster = EventBroadcaster()
+    with pytest.raises(BroadcasterClosedError, match="not running"):
+        async with broadcaster.subscribe_many(["a", "b"]):
+            pytest.fail("entered")
+    assert_nothing_held(broadcaster, "a", "b")
+
+
 async def test_closing_the_broadcaster_ends_the_stream(open_broadcaster: Opener) -> None:
     async with open_broadcaster() as broadcaster:
         multi = broadcaster.subscribe_many(["a", "b"])
@@ -625,7 +653,7 @@ async def test_redis_gap_ends_the_stream_and_names_the_session(
             private_redis.kill()
             await wait_until(lambda: not broadcaster.stats()["backend"]["connected"])
             private_redis.start()
-            with anyio.fail_after(10), pytest.raises(GapError, match="may have been lost"):
+            with anyio.fail_after(10), pytest.raises(GapError, match="events of session 'a'"):
                 async for _ in multi:
                     pass
             assert multi.ended_session == "a"

@@ -19,7 +19,7 @@ _COMPACT_MIN = 1024
 
 
 class _Session:
-    __slots__ = ("bytes", "epoch", "history", "id", "last_active", "seq")
+    __slots__ = ("bytes", "empty_position", "epoch", "history", "id", "last_active", "seq")
 
     def __init__(self, session_id: str, epoch: str, now: float) -> None:
         self.id = session_id
@@ -28,6 +28,8 @@ class _Session:
         self.history: deque[Event] = deque()
         self.bytes = 0
         self.last_active = now
+        # "<epoch>-0", made on the first attach, shared by every subscription.
+        self.empty_position: str | None = None
 
 
 class MemoryBackend:
@@ -229,8 +231,24 @@ class MemoryBackend:
             replay = self._after(session, last_event_id)
         session.last_active = hub.clock()
         register()
-        # "<epoch>-0" for an empty session: `_after` replays all of it with no gap.
-        return Replay(replay.events, replay.gap, f"{session.epoch}-{session.seq}")
+        return Replay(replay.events, replay.gap, self._position(session))
+
+    @staticmethod
+    def _position(session: _Session) -> str:
+        """The session's newest id, or "<epoch>-0" before its first event.
+
+        Given back as a last id, "<epoch>-0" replays the whole session with no
+        gap while nothing was evicted (`_after`). Shared strings: an idle
+        subscription holds no string of its own.
+        """
+        if session.history:
+            return session.history[-1].id
+        if session.seq:
+            return f"{session.epoch}-{session.seq}"
+        position = session.empty_position
+        if position is None:
+            position = session.empty_position = f"{session.epoch}-0"
+        return position
 
     async def detach(self, session_id: str) -> None:
         session = self._sessions.get(session_id)
