@@ -38,6 +38,7 @@ def test_defaults_are_the_reference_values() -> None:
         "max_queue_bytes": 1_048_576,
         "max_history_bytes": 67_108_864,
         "send_timeout": 5.0,
+        "max_sessions_per_subscription": 16,
     }
 
 
@@ -93,6 +94,7 @@ INT_FIELDS = [  # (field, minimum, optional)
     ("max_sessions", 1, True),
     ("max_subscribers_per_session", 1, True),
     ("max_event_bytes", 64, False),
+    ("max_sessions_per_subscription", 1, False),
 ]
 SECONDS_FIELDS = [  # (field, optional)
     ("event_ttl", True),

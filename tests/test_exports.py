@@ -47,6 +47,7 @@ def test_design_names_are_exported() -> None:
         "Event",
         "EventBroadcaster",
         "Subscription",
+        "MultiSubscription",
         "MemoryMetrics",
         "OverflowPolicy",
         "BroadcasterError",
@@ -71,7 +72,7 @@ def test_the_hub_is_not_public() -> None:
         assert not hasattr(EventBroadcaster, name)
 
 
-@pytest.mark.parametrize("module", ["_subscription.py", "_hub.py", "_metrics.py"])
+@pytest.mark.parametrize("module", ["_subscription.py", "_multi.py", "_hub.py", "_metrics.py"])
 def test_no_module_under_the_broadcaster_imports_it(module: str) -> None:
     source = (Path(sse_broadcaster.__file__).parent / module).read_text()
     imported = {

@@ -146,8 +146,9 @@ async def test_the_last_subscriber_leaving_an_empty_session_releases_it() -> Non
         await first.aclose()
         assert sessions(broadcaster) == 0
         assert backend_stats(broadcaster)["sessionsReleased"] == 1
-        # Nothing was ever published: nothing to remember about it.
-        assert backend_stats(broadcaster)["releasedSessionsRemembered"] == 0
+        # Nothing was published, but its subscribers were given its empty
+        # position ("<epoch>-0", which a multi-session cursor carries): kept.
+        assert backend_stats(broadcaster)["releasedSessionsRemembered"] == 1
         # A session with history keeps it when its subscribers leave.
         async with broadcaster.subscribe("kept"):
             await broadcaster.publish("kept", "x")
@@ -266,17 +267,25 @@ async def test_a_released_session_keeps_its_numbering_so_only_real_losses_are_ga
             assert sub.drain_nowait() == [following]
 
 
-async def test_a_session_released_with_no_event_ever_published_starts_afresh() -> None:
+async def test_a_session_released_with_no_event_ever_published_resumes_from_its_position() -> None:
     async with EventBroadcaster() as broadcaster:
         other = await broadcaster.publish("other", "x")
-        async with broadcaster.subscribe("room"):
-            pass
-        # No id of it was ever handed out: any id is from elsewhere, so a gap.
+        async with broadcaster.subscribe("room") as first:
+            position = first.position
+        assert position is not None
+        assert position.endswith("-0")
+        assert sessions(broadcaster) == 1  # "other" only: "room" was released
+        assert backend_stats(broadcaster)["releasedSessionsRemembered"] == 1
+        # An id of another session is no position of this one: a gap.
         async with broadcaster.subscribe("room", last_event_id=other.id) as sub:
             assert sub.gap
+        # Its own empty position: nothing was missed, and what came since replays.
+        event = await broadcaster.publish("room", "while away")
+        async with broadcaster.subscribe("room", last_event_id=position) as sub:
+            assert not sub.gap
+            assert await sub.receive() == event
         async with broadcaster.subscribe("room") as sub:
             assert not sub.gap
-        assert backend_stats(broadcaster)["releasedSessionsRemembered"] == 0
 
 
 async def test_no_history_keeps_a_latest_id_free_of_gaps_across_releases() -> None:

@@ -30,6 +30,7 @@ from ._errors import (
 )
 from ._event import Event
 from ._metrics import MemoryMetrics
+from ._multi import MultiSubscription
 from ._subscription import Subscription
 from ._types import OverflowPolicy, check_session_id
 
@@ -43,6 +44,7 @@ __all__ = [
     "EventTooLargeError",
     "GapError",
     "MemoryMetrics",
+    "MultiSubscription",
     "OverflowPolicy",
     "SessionLimitError",
     "SlowSubscriberError",

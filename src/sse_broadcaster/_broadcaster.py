@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -16,6 +16,7 @@ from ._config import BroadcasterConfig
 from ._event import Event
 from ._hub import Hub
 from ._metrics import Counters, MemoryMetrics, MemoryPressureHook, MemoryWatch, render_metrics
+from ._multi import MultiSubscription, open_many
 from ._subscription import Subscription
 from ._types import Clock, check_session_id
 from .backends._base import Backend
@@ -257,6 +258,28 @@ class EventBroadcaster:
         elif last_event_id is not None and not isinstance(last_event_id, str):
             raise TypeError(f"last_event_id must be a str or None, got {last_event_id!r}")
         return Subscription(self._hub, session_id, last_event_id)
+
+    def subscribe_many(
+        self, session_ids: Sequence[str], *, cursor: str | None = None
+    ) -> MultiSubscription:
+        """One subscription to several sessions, resumable with one cursor (an SSE id).
+
+        Enter it with ``async with``; it enters one `Subscription` per session,
+        with the usual limits. `cursor` is a `MultiSubscription.cursor` the
+        client received (its Last-Event-ID): each session resumes from its
+        position in it, with no duplicate and no hole. A session the cursor has
+        no position for (added since, or a cursor that is malformed, too long,
+        of another version or of other sessions) resumes with a gap and replays
+        what is retained; such a cursor never raises. None (or "") is a new
+        subscriber: no replay, no gap.
+
+        Raises:
+            ValueError: no session, more than ``max_sessions_per_subscription``,
+                a session twice, or a bad session id (here); on entry,
+                `SessionLimitError`, `SubscriberLimitError` or
+                `BroadcasterClosedError` (the sessions entered before are closed).
+        """
+        return open_many(self._hub, session_ids, cursor, self._config.max_sessions_per_subscription)
 
     def subscriber_count(self, session_id: str) -> int:
         """Subscriptions of the session open in this process (0 for an unknown session).

@@ -54,6 +54,8 @@ class BroadcasterConfig:
     """Encoded bytes of history across all sessions; the oldest events go first."""
     send_timeout: float = 5.0
     """Seconds the adapters wait for a client's socket to accept a write."""
+    max_sessions_per_subscription: int = 16
+    """Sessions one `EventBroadcaster.subscribe_many` may follow on one stream."""
 
     def __post_init__(self) -> None:
         check_int("max_queue_size", self.max_queue_size, 1)
@@ -96,3 +98,4 @@ class BroadcasterConfig:
                 f"so that history can hold an event, got {self.max_history_bytes!r}"
             )
         check_positive("send_timeout", self.send_timeout)
+        check_int("max_sessions_per_subscription", self.max_sessions_per_subscription, 1)

@@ -220,7 +220,7 @@ class Hub:
         if reserved:  # pragma: no cover - a backend that returns without registering
             self._leave_entering(session_id)
             raise RuntimeError(f"{type(self._backend).__name__}.attach did not call register")
-        subscription._start(replay.events, replay.gap)
+        subscription._start(replay.events, replay.gap, replay.position)
         if subscription.last_event_id is not None:
             self.replays += 1
             self.replayed_events += len(replay.events)

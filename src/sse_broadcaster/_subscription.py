@@ -106,6 +106,7 @@ class Subscription:
         "dropped",
         "gap",
         "last_event_id",
+        "position",
         "replayed",
         "session_id",
     )
@@ -123,6 +124,12 @@ class Subscription:
         """Events discarded by the ``drop_oldest`` / ``drop_newest`` policies."""
         self.replayed = 0
         """Events replayed from history on entry."""
+        self.position: str | None = None
+        """The session's position on entry, as its backend reports it (`Replay.position`).
+
+        Live events follow it; replayed events come before or at it. Given back
+        as a last id, it resumes right after what was retained on entry.
+        """
         self._max_items = config.max_queue_size
         self._max_bytes = config.max_queue_bytes
         self._policy = config.overflow_policy
@@ -164,12 +171,13 @@ class Subscription:
     # apply to ``_inbox.items``: what the consumer has taken is in its hands, like
     # a read buffer, so a subscriber holds at most two queues' worth.
 
-    def _start(self, replay: Iterable[Event], gap: bool) -> None:
+    def _start(self, replay: Iterable[Event], gap: bool, position: str | None = None) -> None:
         replayed = deque(replay)
         if replayed:
             self._batch = replayed
             self.replayed = len(replayed)
         self.gap = gap
+        self.position = position
         if self._state == _NEW:
             self._state = _OPEN
 

@@ -20,6 +20,14 @@ class Replay:
     """Retained events after the subscriber's last id, oldest first."""
     gap: bool
     """True when events after that id may have been lost."""
+    position: str | None = None
+    """The session's position at attach: live events follow it, replayed events do not.
+
+    The id of its newest event, or a marker for an empty session that, given
+    back as a last id, replays every later event with no gap. None when the
+    backend cannot tell (`EventBroadcaster.subscribe_many` then treats the
+    session's position as unknown until an event of it is received).
+    """
 
 
 class BackendCounts(NamedTuple):

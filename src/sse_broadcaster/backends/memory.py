@@ -20,7 +20,7 @@ _COMPACT_MIN = 1024
 
 
 class _Session:
-    __slots__ = ("bytes", "epoch", "history", "id", "last_active", "seq")
+    __slots__ = ("bytes", "empty_position", "epoch", "history", "id", "last_active", "seq")
 
     def __init__(self, session_id: str, epoch: str, now: float) -> None:
         self.id = session_id
@@ -29,6 +29,8 @@ class _Session:
         self.history: deque[Event] = deque()
         self.bytes = 0
         self.last_active = now
+        # "<epoch>-0", made on the first attach, shared by every subscription.
+        self.empty_position: str | None = None
 
 
 class MemoryBackend:
@@ -134,8 +136,13 @@ class MemoryBackend:
             self._remember(session, self._hub)
 
     def _remember(self, session: _Session, hub: BackendHub) -> None:
-        """Keep a released session's epoch and last number, when ids of it exist."""
-        if session.seq:
+        """Keep a released session's epoch and last number, when ids of it exist.
+
+        An empty session whose position ("<epoch>-0") was handed to a subscriber
+        counts too: a multi-session cursor carries it, and must resume with no
+        gap if the session comes back.
+        """
+        if session.seq or session.empty_position is not None:
             released = self._released_ids
             released[session.id] = (session.epoch, session.seq, hub.clock())
             limit = hub.config.max_sessions
@@ -301,15 +308,32 @@ class MemoryBackend:
         self, session_id: str, last_event_id: str | None, register: Callable[[], None]
     ) -> Replay:
         hub = self._require_hub()
-        exists = session_id in self._sessions
+        known = session_id in self._sessions or session_id in self._released_ids
         session = self._session(session_id, hub)
-        if not exists and not session.seq and last_event_id is not None:
+        if not known and last_event_id is not None:
             replay = Replay((), True)  # the session is gone, and its history with it
         else:
             replay = self._after(session, last_event_id)
         session.last_active = hub.clock()
         register()
-        return replay
+        return Replay(replay.events, replay.gap, self._position(session))
+
+    @staticmethod
+    def _position(session: _Session) -> str:
+        """The session's newest id, or "<epoch>-0" before its first event.
+
+        Given back as a last id, "<epoch>-0" replays the whole session with no
+        gap while nothing was evicted (`_after`). Shared strings: an idle
+        subscription holds no string of its own.
+        """
+        if session.history:
+            return session.history[-1].id
+        if session.seq:
+            return f"{session.epoch}-{session.seq}"
+        position = session.empty_position
+        if position is None:
+            position = session.empty_position = f"{session.epoch}-0"
+        return position
 
     async def detach(self, session_id: str) -> None:
         session = self._sessions.get(session_id)

@@ -26,7 +26,16 @@ from redis.exceptions import RedisError, ResponseError
 from .._errors import BackendUnavailableError, BroadcasterClosedError, GapError
 from ..backends._base import BackendHub, Replay
 from ._frames import frame_reader, stream_of
-from ._scripts import CLOSE, NO_KEY, Key, decode_entries, key_of, message_key, parse_id
+from ._scripts import (
+    CLOSE,
+    EMPTY_POSITION,
+    NO_KEY,
+    Key,
+    decode_entries,
+    key_of,
+    message_key,
+    parse_id,
+)
 from ._sessions import Link, Live, Sessions
 
 __all__ = ["Follower", "ReadStream", "ReadStreams", "Recovery"]
@@ -269,6 +278,7 @@ class Follower:
             await self.table.wait_changed()
         after = ""
         client_key: Key | None = None
+        position: str | None = None
         if last_event_id is not None:
             client_key = parse_id(last_event_id)
             if client_key is not None:
@@ -281,7 +291,7 @@ class Follower:
             cursor = live.cursor
             if cursor is not None and last_event_id is None:
                 register()  # nothing to replay: live delivery starts after the cursor
-                return Replay((), False)
+                return Replay((), False, cursor or EMPTY_POSITION)
             # Replay up to the cursor: what the reader delivers next comes after it.
             # "" is a cursor before any entry (the stream did not exist); None reads
             # up to the stream's end and makes its last id the cursor.
@@ -321,6 +331,9 @@ class Follower:
                         live.cursor = last
                         live.cursor_key = key_of(last) if last else NO_KEY
                     register()
+                    # Live delivery to the subscriber starts after the cursor (the
+                    # flush below delivers what arrived during the read after it).
+                    position = live.cursor or EMPTY_POSITION
             finally:
                 live.hold -= 1
                 if live.overflowed and not live.hold:
@@ -333,13 +346,13 @@ class Follower:
             await anyio.sleep(self._min_backoff if failed else 0.001)
             return None
         if last_event_id is None:
-            return Replay((), False)
+            return Replay((), False, position)
         if client_key is None:
             gap = True
         events = decode_entries(live.session_id, entries)
         if not hub.config.max_history_per_session:
             events = []
-        return Replay(events, gap)
+        return Replay(events, gap, position)
 
 
 class Recovery:

@@ -20,6 +20,7 @@ from .._event import Event
 
 __all__ = [
     "CLOSE",
+    "EMPTY_POSITION",
     "NO_KEY",
     "PROBE_ID",
     "Key",
@@ -39,6 +40,10 @@ _U64 = 2**64 - 1
 # 13-digit millisecond time and a one-digit sequence, what nearly every id looks like.
 PROBE_ID = "0000000000000-0"
 CLOSE = b"!close"
+# The position of an empty stream (`Replay.position`): as a last id, the read
+# script takes it for the predecessor "" of a stream's first entry, so it replays
+# the whole stream with no gap while the stream still starts with that entry.
+EMPTY_POSITION = "0-0"
 
 Key = tuple[int, int]
 NO_KEY: Key = (-1, -1)
@@ -77,7 +82,7 @@ local key = KEYS[1]
 local after, upto = ARGV[1], ARGV[2]
 local tail = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
 if not tail[1] then
-    if after ~= '' then return {'', 1, {}} end
+    if after ~= '' and after ~= '0-0' then return {'', 1, {}} end
     return {'', 0, {}}
 end
 local last = tail[1][1]
@@ -90,7 +95,12 @@ local lo = '-'
 if after ~= '' then
     local first = redis.call('XRANGE', key, '(' .. after, hi, 'COUNT', 1)
     if first[1] then
-        if first[1][2][2] == after then lo = '(' .. after else gap = 1 end
+        local prev = first[1][2][2]
+        if prev == after or (prev == '' and after == '0-0') then
+            lo = '(' .. after
+        else
+            gap = 1
+        end
     elseif after == hi then
         lo = '(' .. after
     else
