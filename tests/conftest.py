@@ -14,3 +14,8 @@ import pytest
 )
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+# The real redis-server fixtures (``redis_server``, ``private_redis``) for every
+# test module that asks for them by name.
+pytest_plugins = ["tests.support.redis_server"]

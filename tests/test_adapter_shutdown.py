@@ -26,7 +26,15 @@ import pytest
 from sse_broadcaster import BroadcasterConfig, EventBroadcaster
 from sse_broadcaster.starlette import open_streams
 
-from ._servers import ADAPTERS, free_port, make_app, open_raw, run_aiohttp, run_uvicorn, wait_for
+from .support.servers import (
+    ADAPTERS,
+    free_port,
+    make_app,
+    open_raw,
+    run_aiohttp,
+    run_uvicorn,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

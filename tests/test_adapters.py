@@ -28,7 +28,7 @@ from sse_broadcaster._adapter import MAX_LAST_EVENT_ID
 from sse_broadcaster._streams import registry_for
 from sse_broadcaster.aiohttp import open_streams
 
-from ._servers import ADAPTERS, Served, established, open_raw, serve_adapter, wait_for
+from .support.servers import ADAPTERS, Served, established, open_raw, serve_adapter, wait_for
 
 pytestmark = pytest.mark.anyio
 

@@ -14,7 +14,7 @@ from sse_broadcaster import BroadcasterConfig, EventBroadcaster
 from sse_broadcaster._streams import registry_for
 from sse_broadcaster.aiohttp import open_streams, setup, sse_handler
 
-from ._servers import free_socket, open_raw
+from .support.servers import free_socket, open_raw
 
 pytestmark = pytest.mark.anyio
 

@@ -27,6 +27,9 @@ from sse_broadcaster import (
 )
 from sse_broadcaster.backends import MemoryBackend
 
+from .support.clock import FakeClock
+from .support.core import assert_nothing_held, enter_concurrently
+
 pytestmark = pytest.mark.anyio
 
 
@@ -144,14 +147,6 @@ async def test_a_backend_that_fails_to_start_leaves_it_not_running() -> None:
 
 
 # -- publish ---------------------------------------------------------------------------------
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def test_publish_assigns_increasing_ids_per_session() -> None:
@@ -665,38 +660,6 @@ async def test_max_subscribers_per_session() -> None:
         assert broadcaster.stats()["totalSubscribers"] == 0
 
 
-async def enter_concurrently(
-    broadcaster: EventBroadcaster, session_ids: list[str]
-) -> tuple[int, list[BaseException]]:
-    """Enter a subscription to each session at once, each in its own task.
-
-    Every admitted subscription stays open until every entry has been decided,
-    so that none makes room for another. Returns (admitted, errors).
-    """
-    admitted = 0
-    errors: list[BaseException] = []
-    decided = anyio.Event()
-
-    async def enter(session_id: str) -> None:
-        nonlocal admitted
-        try:
-            async with broadcaster.subscribe(session_id):
-                admitted += 1
-                if admitted + len(errors) == len(session_ids):
-                    decided.set()
-                await decided.wait()
-        except BroadcasterError as exc:
-            errors.append(exc)
-            if admitted + len(errors) == len(session_ids):
-                decided.set()
-
-    with anyio.fail_after(20):
-        async with anyio.create_task_group() as tg:
-            for session_id in session_ids:
-                tg.start_soon(enter, session_id)
-    return admitted, errors
-
-
 class _YieldingBackend(MemoryBackend):
     """A MemoryBackend whose attach awaits first, as a shared backend's (Redis) does."""
 
@@ -712,13 +675,6 @@ class _YieldingBackend(MemoryBackend):
             register()
             raise BackendUnavailableError("attach failed after register")
         return await super().attach(session_id, last_event_id, register)
-
-
-def assert_nothing_held(broadcaster: EventBroadcaster, *session_ids: str) -> None:
-    assert broadcaster.stats()["totalSubscribers"] == 0
-    for session_id in session_ids:
-        assert broadcaster.subscriber_count(session_id) == 0
-    assert broadcaster._hub.entering() == 0
 
 
 @pytest.mark.parametrize("backend", ["memory", "yielding"])

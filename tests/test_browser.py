@@ -19,7 +19,7 @@ import pytest
 
 from sse_broadcaster import BroadcasterConfig
 
-from ._demo_server import serve_demo
+from .support.demo_server import serve_demo
 
 pytestmark = [pytest.mark.anyio, pytest.mark.browser]
 

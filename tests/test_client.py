@@ -36,7 +36,7 @@ from sse_broadcaster.client import (
 )
 from sse_broadcaster.http import aclose_http_clients, create_http_client, get_http_client
 
-from ._http_servers import Connection, Request, serve, serve_uvicorn
+from .support.http_servers import Connection, Request, serve, serve_uvicorn
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup

@@ -22,9 +22,9 @@ from sse_broadcaster import BroadcasterConfig
 from sse_broadcaster.demo import DEFAULT_ROOM, create_app
 from sse_broadcaster.demo.__main__ import main, parse_args
 
-from ._demo_server import serve_demo, sse_events
-from ._servers import free_port
-from .redis_server import RedisServer, private_redis  # noqa: F401
+from .support.demo_server import serve_demo, sse_events
+from .support.redis_server import RedisServer
+from .support.servers import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -955,7 +955,7 @@ def test_cli_serves_the_page_and_stops_on_sigterm() -> None:
 
 
 @pytest.mark.redis
-def test_cli_with_redis(private_redis: RedisServer) -> None:  # noqa: F811
+def test_cli_with_redis(private_redis: RedisServer) -> None:
     with _cli("--redis", private_redis.url, "--log-level", "warning") as (base, process):
         assert httpx.get(f"{base}/stats").json()["backend"]["type"] == "redis"
         with httpx.stream("GET", f"{base}/events/redis-room", timeout=10) as stream:

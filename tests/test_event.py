@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from sse_broadcaster import Event
 from sse_broadcaster._event import encode_comment, make_event
 
-from .sse_parser import ParsedEvent, SSEParser, parse
+from .support.sse_parser import ParsedEvent, SSEParser, parse
 
 pytestmark = pytest.mark.anyio
 

@@ -1,4 +1,4 @@
-"""sse_broadcaster.http against real servers on 127.0.0.1 (see tests/_http_servers.py)."""
+"""sse_broadcaster.http against real servers on 127.0.0.1 (see tests/support/http_servers.py)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ from sse_broadcaster.http import (
     get_http_client,
 )
 
-from ._http_servers import Connection, Counters, Request, delayed, serve, stall
+from .support.clock import FakeClock
+from .support.http_servers import Connection, Counters, Request, delayed, serve, stall
 
 pytestmark = pytest.mark.anyio
 
@@ -407,14 +408,6 @@ async def test_connection_is_kept_before_keepalive_expiry() -> None:
 # --------------------------------------------------------------------------- DNS cache
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class CountingResolver:
     """Resolves every name to 127.0.0.1, counting calls; can be told to fail."""
 
@@ -435,7 +428,7 @@ class CountingResolver:
 
 
 async def test_resolver_is_called_once_per_host_per_ttl() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     resolver = CountingResolver()
     close = {"Connection": "close"}
     config = HTTPClientConfig(dns_cache_ttl=300.0)

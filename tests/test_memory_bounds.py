@@ -27,19 +27,13 @@ from sse_broadcaster import (
 from sse_broadcaster._metrics import process_memory_mb
 from sse_broadcaster.backends import MemoryBackend
 
+from .support.clock import FakeClock
+
 pytestmark = pytest.mark.anyio
 
 
 def seq(event_id: str) -> int:
     return int(event_id.rpartition("-")[2])
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # -- history bounds ---------------------------------------------------------------------------

@@ -39,8 +39,8 @@ from sse_broadcaster._multi import (
 )
 from sse_broadcaster.backends import MemoryBackend
 from sse_broadcaster.backends._base import Replay
-from tests.redis_server import RedisServer, private_redis, redis_server  # noqa: F401
-from tests.test_broadcaster import assert_nothing_held
+from tests.support.core import assert_nothing_held
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -670,7 +670,7 @@ async def test_redis_empty_stream_position(open_broadcaster: Opener) -> None:
 @pytest.mark.parametrize("setup", [pytest.param(("asyncio", "redis"), id="asyncio-redis")])
 @pytest.mark.redis
 async def test_redis_gap_ends_the_stream_and_names_the_session(
-    private_redis: RedisServer,  # noqa: F811
+    private_redis: RedisServer,
 ) -> None:
     from sse_broadcaster.redis import RedisBackend
 

@@ -23,8 +23,8 @@ from httpx_sse import aconnect_sse
 
 from sse_broadcaster import BroadcasterConfig
 
-from ._demo_server import serve_demo, sse_events
-from ._servers import free_port
+from .support.demo_server import serve_demo, sse_events
+from .support.servers import free_port
 
 pytestmark = pytest.mark.anyio
 

@@ -1,6 +1,6 @@
 """RedisBackend against a real redis-server: sharing, resume, trims, faults.
 
-The multi-process cases run tests/redis_node.py in subprocesses, each with its
+The multi-process cases run tests/support/redis_node.py in subprocesses, each with its
 own EventBroadcaster on the same Redis. Fault tests print their figures
 (published / acknowledged / delivered / gaps); run with ``-s`` to see them.
 """
@@ -35,12 +35,12 @@ from sse_broadcaster import (
     SubscriberLimitError,
 )
 from sse_broadcaster.redis import RedisBackend
-from tests.redis_server import RedisServer, private_redis, redis_server  # noqa: F401
-from tests.test_broadcaster import assert_nothing_held, enter_concurrently
+from tests.support.core import assert_nothing_held, enter_concurrently
+from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
-NODE = Path(__file__).with_name("redis_node.py")
+NODE = Path(__file__).parent / "support" / "redis_node.py"
 ROOT = Path(__file__).parent.parent
 
 
@@ -55,7 +55,7 @@ def prefix() -> str:
 
 
 @pytest.fixture
-async def raw(redis_server: str) -> AsyncIterator[aioredis.Redis]:  # noqa: F811
+async def raw(redis_server: str) -> AsyncIterator[aioredis.Redis]:
     """A plain client to look at Redis itself."""
     client = aioredis.Redis.from_url(redis_server, decode_responses=True)
     try:
@@ -110,7 +110,7 @@ def test_importing_the_package_does_not_import_redis() -> None:
 
 
 @pytest.mark.parametrize("anyio_backend", ["trio"])
-async def test_trio_is_refused_at_start(redis_server: str) -> None:  # noqa: F811
+async def test_trio_is_refused_at_start(redis_server: str) -> None:
     with pytest.raises(RuntimeError, match="asyncio only"):
         async with EventBroadcaster(backend=RedisBackend(redis_server)):
             pass
@@ -145,7 +145,7 @@ def test_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["from_url-decoded-resp3", "host-port"])
-async def test_client_argument(redis_server: str, prefix: str, how: str) -> None:  # noqa: F811
+async def test_client_argument(redis_server: str, prefix: str, how: str) -> None:
     if how == "host-port":
         url = urllib.parse.urlsplit(redis_server)
         client = aioredis.Redis(host=url.hostname or "127.0.0.1", port=url.port or 6379)
@@ -220,7 +220,7 @@ def test_pack_matches_redis_py() -> None:
 
 
 async def test_redis_py_reply_path_when_the_stream_is_not_reachable(
-    redis_server: str,  # noqa: F811
+    redis_server: str,
     prefix: str,
     raw: aioredis.Redis,
     monkeypatch: pytest.MonkeyPatch,
@@ -246,7 +246,7 @@ async def test_redis_py_reply_path_when_the_stream_is_not_reachable(
 
 
 async def test_script_cache_flush_is_handled(
-    redis_server: str,  # noqa: F811
+    redis_server: str,
     prefix: str,
     raw: aioredis.Redis,
 ) -> None:
@@ -261,7 +261,7 @@ async def test_script_cache_flush_is_handled(
 # -- publish, subscribe, replay -----------------------------------------------------------
 
 
-async def test_round_trip_keeps_every_field(redis_server: str, prefix: str) -> None:  # noqa: F811
+async def test_round_trip_keeps_every_field(redis_server: str, prefix: str) -> None:
     clock_value = 1_700_000_000.25
     async with EventBroadcaster(
         backend=fast_backend(redis_server, prefix), clock=lambda: clock_value
@@ -280,7 +280,7 @@ async def test_round_trip_keeps_every_field(redis_server: str, prefix: str) -> N
         assert await b.history("room") == sent
 
 
-async def test_events_cross_backends(redis_server: str, prefix: str) -> None:  # noqa: F811
+async def test_events_cross_backends(redis_server: str, prefix: str) -> None:
     async with (
         broadcaster_on(redis_server, prefix) as a,
         broadcaster_on(redis_server, prefix) as b,
@@ -293,7 +293,7 @@ async def test_events_cross_backends(redis_server: str, prefix: str) -> None:  #
         assert b.stats()["backend"]["followedSessions"] == 1
 
 
-async def test_replay_and_gap_rules(redis_server: str, prefix: str) -> None:  # noqa: F811
+async def test_replay_and_gap_rules(redis_server: str, prefix: str) -> None:
     config = BroadcasterConfig(max_history_per_session=5)
     async with broadcaster_on(redis_server, prefix, config) as a:
         sent = [await a.publish("room", str(i)) for i in range(8)]
@@ -320,7 +320,7 @@ async def test_replay_and_gap_rules(redis_server: str, prefix: str) -> None:  # 
 
 
 async def test_handover_under_load_has_no_duplicate_or_hole(
-    redis_server: str,  # noqa: F811
+    redis_server: str,
     prefix: str,
 ) -> None:
     """Subscribers attach on another node while events stream in: each sees a contiguous run."""
@@ -361,7 +361,7 @@ async def test_handover_under_load_has_no_duplicate_or_hole(
                 assert got_ids == ids[ids.index(got_ids[0]) :]
 
 
-async def test_event_too_large(redis_server: str, prefix: str, raw: aioredis.Redis) -> None:  # noqa: F811
+async def test_event_too_large(redis_server: str, prefix: str, raw: aioredis.Redis) -> None:
     config = BroadcasterConfig(max_event_bytes=100)
     async with broadcaster_on(redis_server, prefix, config) as a:
         await a.publish("room", "x" * 70)
@@ -371,7 +371,7 @@ async def test_event_too_large(redis_server: str, prefix: str, raw: aioredis.Red
 
 
 async def test_close_session_ends_subscribers_everywhere(
-    redis_server: str,  # noqa: F811
+    redis_server: str,
     prefix: str,
     raw: aioredis.Redis,
 ) -> None:
@@ -390,7 +390,7 @@ async def test_close_session_ends_subscribers_everywhere(
 
 
 async def test_max_subscribers_per_session_holds_under_concurrent_entries(
-    redis_server: str,  # noqa: F811
+    redis_server: str,
     prefix: str,
 ) -> None:
     # #10.3: every entry awaited Redis between the limit check and registration,
@@ -409,7 +409,7 @@ async def test_max_subscribers_per_session_holds_under_concurrent_entries(
 
 
 async def test_max_sessions_holds_under_concurrent_entries(
-    redis_server: str,  # noqa: F811
+    redis_server: str,
     prefix: str,
 ) -> None:
     sessions = [f"s{i}" for i in range(50)]
@@ -425,7 +425,7 @@ async def test_max_sessions_holds_under_concurrent_entries(
 # -- trims and expiry, checked in Redis --------------------------------------------------------
 
 
-async def test_trim_by_count(redis_server: str, prefix: str, raw: aioredis.Redis) -> None:  # noqa: F811
+async def test_trim_by_count(redis_server: str, prefix: str, raw: aioredis.Redis) -> None:
     config = BroadcasterConfig(max_history_per_session=5)
     async with broadcaster_on(redis_server, prefix, config) as a:
         sent = [await a.publish("room", str(i)) for i in range(12)]
@@ -433,7 +433,7 @@ async def test_trim_by_count(redis_server: str, prefix: str, raw: aioredis.Redis
         assert await a.history("room") == sent[-5:]
 
 
-async def test_trim_by_age(redis_server: str, prefix: str, raw: aioredis.Redis) -> None:  # noqa: F811
+async def test_trim_by_age(redis_server: str, prefix: str, raw: aioredis.Redis) -> None:
     config = BroadcasterConfig(event_ttl=0.4)
     stream = f"{prefix}:s:room"
     async with broadcaster_on(redis_server, prefix, config) as a:
@@ -452,7 +452,7 @@ async def test_trim_by_age(redis_server: str, prefix: str, raw: aioredis.Redis) 
             assert sub.drain_nowait() == [new]
 
 
-async def test_key_expiry(redis_server: str, prefix: str, raw: aioredis.Redis) -> None:  # noqa: F811
+async def test_key_expiry(redis_server: str, prefix: str, raw: aioredis.Redis) -> None:
     config = BroadcasterConfig(session_ttl=0.6)
     stream = f"{prefix}:s:room"
     async with broadcaster_on(redis_server, prefix, config) as a:
@@ -474,7 +474,7 @@ async def test_key_expiry(redis_server: str, prefix: str, raw: aioredis.Redis) -
 
 
 async def test_sweeps_count_aged_events_and_expired_sessions(
-    redis_server: str,  # noqa: F811
+    redis_server: str,
     prefix: str,
     raw: aioredis.Redis,
 ) -> None:
@@ -521,7 +521,7 @@ def test_watched_expiries_are_bounded_and_looked_up_once_due() -> None:
 
 
 async def test_sessions_renewed_elsewhere_or_closed_do_not_count_as_expired(
-    redis_server: str,  # noqa: F811
+    redis_server: str,
     prefix: str,
 ) -> None:
     config = BroadcasterConfig(session_ttl=0.6)
@@ -545,7 +545,7 @@ async def test_sessions_renewed_elsewhere_or_closed_do_not_count_as_expired(
         assert b.stats()["cleanup"]["sessionsExpired"] == 1
 
 
-async def test_stats_shape(redis_server: str, prefix: str) -> None:  # noqa: F811
+async def test_stats_shape(redis_server: str, prefix: str) -> None:
     async with broadcaster_on(redis_server, prefix) as a, a.subscribe("room"):
         await a.publish("room", "1")
         await a.cleanup()
@@ -565,7 +565,7 @@ async def test_stats_shape(redis_server: str, prefix: str) -> None:  # noqa: F81
 # -- outages, in process ------------------------------------------------------------------------
 
 
-async def test_outage_in_process(private_redis: RedisServer, prefix: str) -> None:  # noqa: F811
+async def test_outage_in_process(private_redis: RedisServer, prefix: str) -> None:
     url = private_redis.url
     async with (
         broadcaster_on(url, prefix, attach_timeout=0.5) as a,
@@ -602,7 +602,7 @@ async def test_outage_in_process(private_redis: RedisServer, prefix: str) -> Non
         assert backend["gapsSignalled"] == 1
 
 
-async def test_a_silent_connection_is_detected(private_redis: RedisServer, prefix: str) -> None:  # noqa: F811
+async def test_a_silent_connection_is_detected(private_redis: RedisServer, prefix: str) -> None:
     url = private_redis.url
     client = aioredis.Redis.from_url(url)
     try:
@@ -623,7 +623,7 @@ async def test_a_silent_connection_is_detected(private_redis: RedisServer, prefi
 
 
 async def test_publish_survives_a_closed_idle_connection(
-    redis_server: str,  # noqa: F811
+    redis_server: str,
     prefix: str,
     raw: aioredis.Redis,
 ) -> None:
@@ -638,7 +638,7 @@ async def test_publish_survives_a_closed_idle_connection(
 
 
 async def test_pubsub_kill_recovers_from_stream(
-    redis_server: str,  # noqa: F811
+    redis_server: str,
     prefix: str,
     raw: aioredis.Redis,
 ) -> None:
@@ -661,7 +661,7 @@ async def test_pubsub_kill_recovers_from_stream(
 
 
 async def test_churn_during_pubsub_kills_has_no_duplicate_or_hole(
-    redis_server: str,  # noqa: F811
+    redis_server: str,
     prefix: str,
     raw: aioredis.Redis,
 ) -> None:
@@ -780,7 +780,7 @@ async def publish_during(a: EventBroadcaster, session: str, n: int, out: list[Ev
 
 @pytest.mark.parametrize("bound", ["messages", "bytes"])
 async def test_buffer_overflow_in_recovery_rereads_the_stream(
-    redis_server: str,  # noqa: F811
+    redis_server: str,
     prefix: str,
     raw: aioredis.Redis,
     bound: str,
@@ -816,7 +816,7 @@ async def test_buffer_overflow_in_recovery_rereads_the_stream(
 
 
 async def test_buffer_overflow_in_attach_rereads_the_stream(
-    redis_server: str,  # noqa: F811
+    redis_server: str,
     prefix: str,
 ) -> None:
     async with (
@@ -836,7 +836,7 @@ async def test_buffer_overflow_in_attach_rereads_the_stream(
 
 
 async def test_buffer_overflow_beyond_history_ends_with_gap(
-    redis_server: str,  # noqa: F811
+    redis_server: str,
     prefix: str,
     raw: aioredis.Redis,
 ) -> None:
@@ -861,7 +861,7 @@ async def test_buffer_overflow_beyond_history_ends_with_gap(
 
 
 async def test_close_during_an_overflowed_recovery_ends_the_session(
-    redis_server: str,  # noqa: F811
+    redis_server: str,
     prefix: str,
     raw: aioredis.Redis,
 ) -> None:
@@ -882,7 +882,7 @@ async def test_close_during_an_overflowed_recovery_ends_the_session(
         assert b.stats()["backend"]["followedSessions"] == 0
 
 
-async def test_pending_publishes_are_bounded(redis_server: str, prefix: str) -> None:  # noqa: F811
+async def test_pending_publishes_are_bounded(redis_server: str, prefix: str) -> None:
     async with broadcaster_on(redis_server, prefix, max_pending_publishes=3) as a:
         outcomes: list[str] = []
 
@@ -908,7 +908,7 @@ async def test_pending_publishes_are_bounded(redis_server: str, prefix: str) -> 
 
 
 async def test_sweep_stops_following_sessions_without_subscribers(
-    redis_server: str,  # noqa: F811
+    redis_server: str,
     prefix: str,
 ) -> None:
     async with broadcaster_on(redis_server, prefix) as a:
@@ -922,7 +922,7 @@ async def test_sweep_stops_following_sessions_without_subscribers(
 
 
 async def test_recovery_of_300_sessions_after_client_kill(
-    redis_server: str,  # noqa: F811
+    redis_server: str,
     prefix: str,
     raw: aioredis.Redis,
 ) -> None:
@@ -990,7 +990,7 @@ async def test_recovery_of_300_sessions_after_client_kill(
 
 
 class Node:
-    """A tests/redis_node.py subprocess and the reports it sent."""
+    """A tests/support/redis_node.py subprocess and the reports it sent."""
 
     def __init__(self, process: anyio.abc.Process) -> None:
         self.process = process
@@ -1064,7 +1064,7 @@ def figures(name: str, **values: object) -> None:
     print(f"\n[redis-figures] {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
 
 
-async def test_two_processes_deliver_in_order(redis_server: str, prefix: str) -> None:  # noqa: F811
+async def test_two_processes_deliver_in_order(redis_server: str, prefix: str) -> None:
     async with node(redis_server, prefix) as a, node(redis_server, prefix) as b:
         await a.send(op="subscribe", tag="sa", session="room")
         await b.send(op="subscribe", tag="sb", session="room")
@@ -1082,7 +1082,7 @@ async def test_two_processes_deliver_in_order(redis_server: str, prefix: str) ->
         figures("two-processes", published=40, acknowledged=len(acked), delivered=80, gaps=0)
 
 
-async def test_resume_on_another_process(redis_server: str, prefix: str) -> None:  # noqa: F811
+async def test_resume_on_another_process(redis_server: str, prefix: str) -> None:
     async with node(redis_server, prefix) as a, node(redis_server, prefix) as b:
         await a.send(op="subscribe", tag="s1", session="room", limit=8)
         await a.wait(lambda: a.of("s1", "entered"))
@@ -1103,7 +1103,7 @@ async def test_resume_on_another_process(redis_server: str, prefix: str) -> None
 
 
 async def test_client_kill_pubsub_loses_no_acknowledged_event(
-    redis_server: str,  # noqa: F811
+    redis_server: str,
     prefix: str,
     raw: aioredis.Redis,
 ) -> None:
@@ -1134,7 +1134,7 @@ async def test_client_kill_pubsub_loses_no_acknowledged_event(
         )
 
 
-async def test_redis_restart_signals_gap(private_redis: RedisServer, prefix: str) -> None:  # noqa: F811
+async def test_redis_restart_signals_gap(private_redis: RedisServer, prefix: str) -> None:
     url = private_redis.url
     async with node(url, prefix) as a, node(url, prefix) as b:
         await a.send(op="subscribe", tag="s", session="room")

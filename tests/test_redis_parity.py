@@ -19,7 +19,6 @@ import tests.test_broadcaster as core
 import tests.test_subscription as subscription
 from sse_broadcaster import _broadcaster
 from sse_broadcaster.redis import RedisBackend
-from tests.redis_server import redis_server  # noqa: F401
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -53,7 +52,7 @@ def anyio_backend() -> str:
 @pytest.fixture(autouse=True)
 def _redis_by_default(
     monkeypatch: pytest.MonkeyPatch,
-    redis_server: str,  # noqa: F811
+    redis_server: str,
 ) -> None:
     def backend() -> RedisBackend:
         return RedisBackend(redis_server, prefix=f"p{uuid.uuid4().hex[:10]}")

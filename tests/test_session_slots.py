@@ -20,20 +20,10 @@ from sse_broadcaster import (
 )
 from sse_broadcaster.backends.memory import MemoryBackend
 
-from ._servers import RawStream, open_raw, run_uvicorn, wait_for
+from .support.clock import FakeClock
+from .support.servers import RawStream, open_raw, run_uvicorn, wait_for
 
 pytestmark = pytest.mark.anyio
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def rooms(n: int, seed: int) -> list[str]:

@@ -40,7 +40,7 @@ from sse_broadcaster.starlette import (
     stats_endpoint,
 )
 
-from ._servers import established, open_silent, run_uvicorn, wait_for
+from .support.servers import established, open_silent, run_uvicorn, wait_for
 
 pytestmark = pytest.mark.anyio
 

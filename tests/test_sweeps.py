@@ -13,20 +13,11 @@ import sse_broadcaster._metrics as metrics_module
 from sse_broadcaster import BroadcasterConfig, EventBroadcaster, MemoryMetrics
 from sse_broadcaster._metrics import process_memory_mb
 
+from .support.clock import FakeClock
+
 pytestmark = pytest.mark.anyio
 
 LOGGER = "sse_broadcaster"
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def cleanup_stats(broadcaster: EventBroadcaster) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from httpx_sse import EventSource, ServerSentEvent
 from sse_broadcaster import BroadcasterConfig, EventBroadcaster
 from sse_broadcaster.demo import create_app
 
-from ._servers import run_uvicorn
+from .servers import run_uvicorn
 
 
 @asynccontextmanager

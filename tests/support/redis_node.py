@@ -1,6 +1,6 @@
 """One node of a multi-process test: an EventBroadcaster on a RedisBackend.
 
-Run as ``python tests/redis_node.py '<json options>'``. Commands arrive as JSON
+Run as ``python tests/support/redis_node.py '<json options>'``. Commands arrive as JSON
 lines on stdin; every report leaves as a JSON line on stdout, tagged with the
 command's ``tag``:
 
