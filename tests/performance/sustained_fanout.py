@@ -265,14 +265,16 @@ def markdown(result: dict[str, Any]) -> str:
     rows = []
     for name, s in result["stacks"].items():
         rate = f"{'>= ' if s['capped'] else ''}{s['rate']:g}"
+        if not s["rate"]:
+            rate = f"< {result['start_rate']}"
         rows.append(
             [
                 name,
                 rate,
                 fmt(s["deliveries_per_s"]),
-                f"{s['p50_ms']:.1f} / {s['p99_ms']:.1f}",
-                f"{s['server_cpu'] * 100:.0f} %",
-                f"{s['clients_cpu'] * 100:.0f} %",
+                f"{fmt(s['p50_ms'], 1)} / {fmt(s['p99_ms'], 1)}",
+                _percent(s["server_cpu"]),
+                _percent(s["clients_cpu"]),
                 "/".join(f"{r:g}" for r in s["runs"]),
             ]
         )
@@ -302,6 +304,10 @@ def markdown(result: dict[str, Any]) -> str:
             rows.append([name, ", ".join(path)])
     out.append(table(["stack", "steps"], rows))
     return "\n".join(out)
+
+
+def _percent(value: float) -> str:
+    return "n/a" if value != value else f"{value * 100:.0f} %"
 
 
 def main() -> None:
