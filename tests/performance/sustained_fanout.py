@@ -290,9 +290,7 @@ def markdown(result: dict[str, Any]) -> str:
     out.append(table(header, rows))
     if result["ratios"]:
         out.append("\n**Ratios** of the highest passing rates (median of per-run ratios)\n")
-        out.append(
-            table(["pair", "ratio"], [[k, f"{v:.2f}x"] for k, v in result["ratios"].items()])
-        )
+        out.append(table(["pair", "ratio"], [[k, _times(v)] for k, v in result["ratios"].items()]))
     out.append("\n**Search of the first run** (events/s; a failing step with its reason)\n")
     rows = []
     for name, runs in result["samples"].items():
@@ -304,6 +302,10 @@ def markdown(result: dict[str, Any]) -> str:
             rows.append([name, ", ".join(path)])
     out.append(table(["stack", "steps"], rows))
     return "\n".join(out)
+
+
+def _times(value: float) -> str:
+    return "n/a" if value != value else f"{value:.2f}x"
 
 
 def _percent(value: float) -> str:
