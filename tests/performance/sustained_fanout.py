@@ -192,12 +192,16 @@ def search(stack: Stack, args: argparse.Namespace, bar: Any) -> dict[str, Any]:
             low = mid
         else:
             high = mid
-    best = passed.get(low)
+    lowest = min(s["rate"] for s in steps)
     return {
         "rate": low,
+        # the best attempt at the lowest rate tried: what is left when none passed
+        "floor": min(
+            (s for s in steps if s["rate"] == lowest), key=lambda s: _nan_last(s["p99_ms"])
+        ),
         "capped": not high,  # no step failed up to --max-rate
         "first_fail": high or None,
-        "at": best,
+        "at": passed.get(low),
         "steps": steps,
         "restarts": stack.starts - 1,
     }
@@ -245,6 +249,9 @@ def summarise(samples: dict[str, list[dict[str, Any]]], clients: int) -> dict[st
             "clients_cpu": median([a["clients_cpu"] for a in ats]),
             "capped": any(run["capped"] for run in runs),
             "runs": [run["rate"] for run in runs],
+            "floor_rate": median([run["floor"]["rate"] for run in runs]),
+            "floor_p50_ms": median([run["floor"]["p50_ms"] for run in runs]),
+            "floor_p99_ms": median([run["floor"]["p99_ms"] for run in runs]),
         }
     ratios: dict[str, float] = {}
     for ours, peer in PAIRS:
@@ -265,14 +272,19 @@ def markdown(result: dict[str, Any]) -> str:
     rows = []
     for name, s in result["stacks"].items():
         rate = f"{'>= ' if s['capped'] else ''}{s['rate']:g}"
-        if not s["rate"]:
-            rate = f"< {result['start_rate']}"
+        latency = f"{fmt(s['p50_ms'], 1)} / {fmt(s['p99_ms'], 1)}"
+        if not s["rate"]:  # none passed: how far off the lowest rate tried was
+            rate = f"< {s['floor_rate']:g}"
+            latency = (
+                f"{fmt(s['floor_p50_ms'], 1)} / {fmt(s['floor_p99_ms'], 1)}"
+                f" (at {s['floor_rate']:g}/s, failed)"
+            )
         rows.append(
             [
                 name,
                 rate,
                 fmt(s["deliveries_per_s"]),
-                f"{fmt(s['p50_ms'], 1)} / {fmt(s['p99_ms'], 1)}",
+                latency,
                 _percent(s["server_cpu"]),
                 _percent(s["clients_cpu"]),
                 "/".join(f"{r:g}" for r in s["runs"]),
@@ -302,6 +314,10 @@ def markdown(result: dict[str, Any]) -> str:
             rows.append([name, ", ".join(path)])
     out.append(table(["stack", "steps"], rows))
     return "\n".join(out)
+
+
+def _nan_last(value: float) -> float:
+    return float("inf") if value != value else value
 
 
 def _times(value: float) -> str:
