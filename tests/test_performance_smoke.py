@@ -121,6 +121,35 @@ def test_http_e2e_smoke(tmp_path: Path) -> None:
     assert "ours / bare @ C=5" in data["ratios"]
 
 
+def test_sustained_fanout_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "sustained.json"
+    text = _run([str(PERF / "sustained_fanout.py"), "--smoke", "--json", str(out)])
+    _table(text)
+    data = json.loads(out.read_text())
+    assert data["clients"] == 20
+    expected = ["ours", "bare", "aiohttp/ours"]
+    expected += ["sse-starlette"] if PEERS_STARLETTE else []
+    expected += ["aiohttp/aiohttp-sse"] if PEERS_AIOHTTP else []
+    assert sorted(data["stacks"]) == sorted(expected)
+    for stack in expected:
+        s = data["stacks"][stack]
+        assert _number(s["rate"])
+        assert s["rate"] >= 0
+        assert _number(s["deliveries_per_s"])
+        for key in ("p50_ms", "p99_ms", "server_cpu"):
+            assert _number(s[key]), (stack, key)  # NaN when no step passed
+        (run,) = data["samples"][stack]
+        assert run["steps"], stack
+        for step in run["steps"]:
+            assert step["rate"] >= 1
+            assert isinstance(step["fail"], str)
+            assert _finite(step["received"])
+            assert _finite(step["server_cpu"])
+    assert all(_number(v) for v in data["ratios"].values())
+    assert "ours / bare" in data["ratios"]
+    assert "sustained_fanout.py --smoke" in data["command"]
+
+
 def test_connections_smoke(tmp_path: Path) -> None:
     out = tmp_path / "conn.json"
     _table(_run([str(PERF / "connections.py"), "--smoke", "--json", str(out)]))

@@ -6,6 +6,12 @@ meant to be cheaper than any server they measure: one process holds many
 non-blocking sockets on one epoll selector, and per read it only counts the
 ``@@`` markers that every benchmark event carries (and, in latency mode,
 parses the publish time that follows each marker). They never parse SSE.
+
+By default a client process measures one window and exits. In step mode
+(``Clients(..., steps=True)``) it keeps its connections open and measures one
+window per `Clients.go` + `Clients.step_results`, answering each with a
+latency histogram (0.1 ms buckets) rather than every latency, until
+`Clients.close`.
 """
 
 from __future__ import annotations
@@ -121,6 +127,21 @@ def quantile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def hist_quantile(hist: dict[int, int], q: float, unit: float = 1e-4) -> float:
+    """The `q` quantile of a histogram of bucket -> count, buckets `unit` wide
+    (the upper edge of the bucket it falls in)."""
+    total = sum(hist.values())
+    if not total:
+        return float("nan")
+    rank = min(total - 1, int(q * total))
+    seen = 0
+    for bucket in sorted(hist):
+        seen += hist[bucket]
+        if seen > rank:
+            break
+    return (bucket + 1) * unit
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -221,13 +242,14 @@ class Server:
         *,
         http_impl: str = "h11",
         loop: str = "asyncio",
-        flush: float = 0.0,
+        flush: float | None = 0.0,
         profile: str | None = None,
     ) -> None:
+        """`flush`: our adapters' flush_window; None runs them with their default."""
         self.kind = kind
         self.port = free_port()
         cmd = [PY, str(SERVERS), kind, "--port", str(self.port), "--http", http_impl]
-        cmd += ["--loop", loop, "--flush", str(flush)]
+        cmd += ["--loop", loop, "--flush", "default" if flush is None else str(flush)]
         if profile:
             cmd = [PY, "-m", "pyinstrument", "-r", "speedscope", "-o", profile, *cmd[1:]]
         self.proc = subprocess.Popen(
@@ -314,6 +336,7 @@ class Clients:
         expect: int,
         procs: int = 2,
         latency: bool = False,
+        steps: bool = False,
     ) -> None:
         procs = max(1, min(procs, len(paths)))
         self.procs: list[subprocess.Popen[str]] = []
@@ -323,6 +346,7 @@ class Clients:
                 "paths": list(paths[i::procs]),
                 "expect": expect,
                 "latency": latency,
+                "steps": steps,
             }
             self.procs.append(
                 subprocess.Popen(
@@ -348,12 +372,46 @@ class Clients:
                     self.kill()
                     raise RuntimeError(f"client failed: {line}")
 
-    def go(self, timeout: float) -> None:
-        """Tell the clients to stop waiting `timeout` seconds from now."""
+    def go(self, timeout: float, expect: int = 0, since: float = 0.0) -> None:
+        """Tell the clients to stop waiting `timeout` seconds from now (in step
+        mode: to measure a window of `expect` events published since `since`)."""
+        line = f"GO {time.time() + timeout} {expect} {since}\n"
         for proc in self.procs:
             assert proc.stdin is not None
-            proc.stdin.write(f"GO {time.time() + timeout}\n")
+            proc.stdin.write(line)
             proc.stdin.flush()
+
+    def step_results(self) -> dict[str, Any]:
+        """The window started by ``go(timeout, expect, since)`` (step mode), once
+        every connection holds `expect` events published at or after `since` or
+        the timeout passed: merged counts and latency histogram (0.1 ms buckets)."""
+        merged: dict[str, Any] = {"conns": 0, "open": 0, "done": 0, "events": 0, "cpu": 0.0}
+        hist: dict[int, int] = {}
+        for proc in self.procs:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"client process {proc.pid} exited (code {proc.poll()})")
+            data = json.loads(line)
+            for key in merged:
+                merged[key] += data[key]
+            for bucket, count in data["hist"]:
+                hist[bucket] = hist.get(bucket, 0) + count
+        merged["hist"] = hist
+        return merged
+
+    def close(self) -> None:
+        """End step mode: the client processes close their connections and exit."""
+        for proc in self.procs:
+            if proc.stdin is not None and not proc.stdin.closed:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     def cpu(self) -> float:
         import psutil
@@ -406,6 +464,10 @@ def _client_main(spec: dict[str, Any]) -> None:
     port = spec["port"]
     expect = int(spec["expect"])
     latency = bool(spec["latency"])
+    steps = bool(spec.get("steps"))
+    since = 0.0  # step mode: events published earlier are not counted
+    hist: dict[int, int] = {}  # step mode: latency in 0.1 ms buckets -> deliveries
+    closed = 0
     sel = selectors.DefaultSelector()
     # per connection: [headers_done, count, tail, done_time]
     state: dict[socket.socket, list[Any]] = {}
@@ -438,7 +500,8 @@ def _client_main(spec: dict[str, Any]) -> None:
 
     connect_batch(250)
     announced = False
-    while True:
+    finished = False
+    while not finished:
         if not announced and ready == len(state):
             if pending:
                 connect_batch(250)
@@ -446,19 +509,34 @@ def _client_main(spec: dict[str, Any]) -> None:
                 print("READY", flush=True)
                 announced = True
         if deadline is not None and (time.time() > deadline or (expect and done == len(state))):
-            break
+            if not steps:
+                break
+            report = {"conns": len(state), "open": len(state) - closed, "done": done}
+            report.update(events=total, hist=sorted(hist.items()), cpu=_cpu() - cpu_go)
+            print(json.dumps(report), flush=True)
+            deadline, done, total = None, 0, 0
+            hist.clear()
+            for st in state.values():
+                st[1] = 0
+            continue
         timeout = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.time()))
         for key, _ in sel.select(timeout):
             if key.fd == stdin_fd:
                 chunk = os.read(stdin_fd, 4096)
                 if not chunk:
+                    if steps:  # Clients.close(): the run is over
+                        finished = True
+                        break
                     deadline = deadline or time.time()
                     continue
                 stdin_buf += chunk
                 if b"\n" in stdin_buf:
                     line, stdin_buf = stdin_buf.split(b"\n", 1)
                     if line.startswith(b"GO"):
-                        deadline = float(line.split()[1])
+                        words = line.split()
+                        deadline = float(words[1])
+                        if steps:
+                            expect, since = int(words[2]), float(words[3])
                         cpu_go = _cpu()
                 continue
             sock = key.fileobj
@@ -476,6 +554,7 @@ def _client_main(spec: dict[str, Any]) -> None:
                 if not st[0]:
                     print(f"FAIL connection closed before headers (port {port})", flush=True)
                     sys.exit(1)
+                closed += 1
                 continue
             buf = st[2] + data
             if not st[0]:
@@ -498,7 +577,15 @@ def _client_main(spec: dict[str, Any]) -> None:
                 head, st[2] = buf[:-1], b"@"
             else:
                 head, st[2] = buf, b""
-            if latency:
+            if latency and steps:
+                n = 0
+                for s in _STAMP.findall(head):
+                    published = float(s)
+                    if published >= since:
+                        n += 1
+                        bucket = int((now - published) * 10000)
+                        hist[bucket] = hist.get(bucket, 0) + 1
+            elif latency:
                 stamps = _STAMP.findall(head)
                 n = len(stamps)
                 lat.extend(now - float(s) for s in stamps)
@@ -516,6 +603,8 @@ def _client_main(spec: dict[str, Any]) -> None:
                     last = now if last is None else max(last, now)
     for sock in state:
         sock.close()
+    if steps:  # every window was reported by its step
+        return
     print(
         json.dumps(
             {

@@ -1,7 +1,7 @@
 """The benchmark servers, one per stack, all with the same routes.
 
     python tests/performance/_servers.py KIND --port N [--http h11|httptools]
-        [--loop asyncio|uvloop] [--flush SECONDS]
+        [--loop asyncio|uvloop] [--flush SECONDS|default]
 
 KIND is one of:
 
@@ -27,7 +27,9 @@ Routes (the same for every kind):
 - ``GET /bench/subscribers``: streams subscribed right now;
 - ``GET /bench/rss``: the server's resident set size in bytes.
 
-Access logs are off for every kind. Servers stop on SIGTERM.
+``--flush`` is our adapters' ``flush_window``; ``default`` leaves it out, so
+the adapter runs with the window it ships with. Access logs are off for every
+kind. Servers stop on SIGTERM.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def _query(qs: dict[str, Any]) -> tuple[list[str], int, int, float, int]:
 # -- uvicorn (Starlette) stacks ------------------------------------------------------
 
 
-def starlette_app(kind: str, flush: float) -> Any:
+def starlette_app(kind: str, flush: float | None) -> Any:
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse
@@ -106,7 +108,11 @@ def starlette_app(kind: str, flush: float) -> Any:
         def subscribers() -> int:
             return int(broadcaster.stats()["totalSubscribers"])
 
-        stream: Any = sse_endpoint(broadcaster, flush_window=flush)
+        stream: Any = (
+            sse_endpoint(broadcaster)
+            if flush is None
+            else sse_endpoint(broadcaster, flush_window=flush)
+        )
         life: Any = lifespan(broadcaster)
     elif kind == "sse-starlette":
         from contextlib import asynccontextmanager
@@ -246,7 +252,7 @@ def starlette_app(kind: str, flush: float) -> Any:
 # -- aiohttp stacks ------------------------------------------------------------------
 
 
-def aiohttp_app(kind: str, flush: float) -> Any:
+def aiohttp_app(kind: str, flush: float | None) -> Any:
     from aiohttp import web
 
     app = web.Application()
@@ -263,7 +269,12 @@ def aiohttp_app(kind: str, flush: float) -> Any:
         def subscribers() -> int:
             return int(broadcaster.stats()["totalSubscribers"])
 
-        app.router.add_get("/events/{session_id}", sse_handler(broadcaster, flush_window=flush))
+        handler = (
+            sse_handler(broadcaster)
+            if flush is None
+            else sse_handler(broadcaster, flush_window=flush)
+        )
+        app.router.add_get("/events/{session_id}", handler)
         setup(app, broadcaster)
     elif kind == "aiohttp-sse":
         from aiohttp_sse import sse_response
@@ -336,14 +347,17 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--http", default="h11", choices=["h11", "httptools"])
     parser.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"])
-    parser.add_argument("--flush", type=float, default=0.0, help="flush_window (ours only)")
+    parser.add_argument(
+        "--flush", default="0", help="flush_window in seconds, or 'default' (ours only)"
+    )
     args = parser.parse_args()
+    flush = None if args.flush == "default" else float(args.flush)
     raise_nofile()
     if args.kind in UVICORN_KINDS:
         import uvicorn
 
         uvicorn.run(
-            starlette_app(args.kind, args.flush),
+            starlette_app(args.kind, flush),
             host="127.0.0.1",
             port=args.port,
             http=args.http,
@@ -357,7 +371,7 @@ def main() -> None:
         from aiohttp import web
 
         web.run_app(
-            aiohttp_app(args.kind, args.flush),
+            aiohttp_app(args.kind, flush),
             host="127.0.0.1",
             port=args.port,
             backlog=4096,
