@@ -24,12 +24,15 @@ from ._errors import (
     BroadcasterError,
     EventTooLargeError,
     GapError,
+    RunActiveError,
+    RunLimitError,
     SessionLimitError,
     SlowSubscriberError,
     SubscriberLimitError,
 )
 from ._event import Event
 from ._metrics import MemoryMetrics
+from ._runs import RUN_END_EVENT, RunInfo, RunState
 from ._subscription import Subscription
 from ._types import OverflowPolicy, check_session_id
 
@@ -44,6 +47,11 @@ __all__ = [
     "GapError",
     "MemoryMetrics",
     "OverflowPolicy",
+    "RUN_END_EVENT",
+    "RunActiveError",
+    "RunInfo",
+    "RunLimitError",
+    "RunState",
     "SessionLimitError",
     "SlowSubscriberError",
     "SubscriberLimitError",

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -13,9 +14,11 @@ from typing_extensions import Self
 
 from . import _metrics
 from ._config import BroadcasterConfig
-from ._event import Event
+from ._errors import BroadcasterError
+from ._event import Event, _check_name_and_retry
 from ._hub import Hub
 from ._metrics import Counters, MemoryMetrics, MemoryPressureHook, MemoryWatch, render_metrics
+from ._runs import RunInfo, RunManager, RunSource, RunState, RunStore, _UntilEnd
 from ._subscription import Subscription
 from ._types import Clock, check_session_id
 from .backends._base import Backend
@@ -90,6 +93,7 @@ class EventBroadcaster:
         self._sessions_expired = 0
         self._cleanups = 0
         self._last_cleanup: float | None = None
+        self._runs: RunManager | None = None  # resumable runs (#13), made on entry
 
     @property
     def config(self) -> BroadcasterConfig:
@@ -129,6 +133,7 @@ class EventBroadcaster:
         await task_group.__aenter__()
         try:
             await self._backend.start(hub)
+            self._runs = await self._start_runs()
         except BaseException:
             # Nothing runs in the task group yet: close it without handing it the
             # error, which it would wrap in an ExceptionGroup.
@@ -170,6 +175,11 @@ class EventBroadcaster:
         if hub.closed:
             return
         hub.closed = True
+        if self._runs is not None and hub.running:
+            # Running runs end first, as cancelled, while their end marker can still be
+            # published (publish needs `running`) and read from history.
+            with anyio.CancelScope(shield=True):
+                await self._runs.aclose()
         hub.running = False
         hub.end_all()
         if self._sweeper_scope is not None:
@@ -238,7 +248,9 @@ class EventBroadcaster:
 
     # -- subscribe ---------------------------------------------------------------------------
 
-    def subscribe(self, session_id: str, *, last_event_id: str | None = None) -> Subscription:
+    def subscribe(
+        self, session_id: str, *, last_event_id: str | None = None, until_end: bool = False
+    ) -> Subscription:
         """A subscription to the session; enter it with ``async with``.
 
         On entry, the retained events after `last_event_id` are queued first,
@@ -246,6 +258,12 @@ class EventBroadcaster:
         ``subscription.gap`` is True when `last_event_id` is unknown, malformed,
         from an earlier run, or older than what is retained; everything still
         retained is replayed then. An empty `last_event_id` counts as None.
+
+        With `until_end`, the subscription ends cleanly (iteration stops, the
+        receive calls raise ``anyio.EndOfStream``) right after the first end
+        marker of a run (``event: end``) it delivers; entered with the id of the
+        session's latest end marker, it ends at once; entered without an id
+        while the session retains a run, it replays that run from its first event.
 
         Raises:
             ValueError: bad session id (here); on entry, `SessionLimitError`,
@@ -256,7 +274,14 @@ class EventBroadcaster:
             last_event_id = None
         elif last_event_id is not None and not isinstance(last_event_id, str):
             raise TypeError(f"last_event_id must be a str or None, got {last_event_id!r}")
+        if until_end:
+            run_info = functools.partial(self._until_end_info, session_id)
+            return _UntilEnd(self._hub, session_id, last_event_id, run_info)
         return Subscription(self._hub, session_id, last_event_id)
+
+    async def _until_end_info(self, session_id: str) -> RunInfo | None:
+        self._hub.check_running()
+        return None if self._runs is None else await self._runs.info(session_id)
 
     def subscriber_count(self, session_id: str) -> int:
         """Subscriptions of the session open in this process (0 for an unknown session).
@@ -303,6 +328,9 @@ class EventBroadcaster:
         hub = self._hub
         hub.check_running()
         had_subscribers = hub.has_subscribers(session_id)
+        if self._runs is not None:
+            await self._runs.cancel(session_id)
+            await self._runs.store.forget(session_id)
         try:
             # A shared backend ends this process's subscriptions itself once the
             # events published before the close have reached them; whatever is
@@ -311,6 +339,87 @@ class EventBroadcaster:
         finally:
             hub.end_session(session_id)
         return existed or had_subscribers
+
+    # -- resumable runs (#13) ------------------------------------------------------------
+
+    async def _start_runs(self) -> RunManager | None:
+        make_store = getattr(self._backend, "run_store", None)
+        if make_store is None:
+            return None  # this backend keeps no runs: start_run says so
+        store: RunStore = make_store()
+        manager = RunManager(self, store, self._config, self._clock)
+        await manager.start()
+        return manager
+
+    def _require_runs(self) -> RunManager:
+        self._hub.check_running()
+        if self._runs is None:
+            raise BroadcasterError(
+                f"the backend {type(self._backend).__name__} does not support runs "
+                "(it has no run_store())"
+            )
+        return self._runs
+
+    async def start_run(
+        self, session_id: str, source: RunSource, *, event: str | None = None
+    ) -> RunInfo:
+        """Run an async generator in the background, publishing each item to the session.
+
+        Returns at once; the run lives in the broadcaster's task group, not in the
+        caller's request. Each item is published as `publish` would (str, bytes
+        or JSON-able data), or, when it is a mapping with a ``"data"`` key and
+        at most ``"event"`` and ``"retry"`` besides, as those fields. Items are
+        named `event` unless they say otherwise. The run's last event is its end
+        marker (``event: end``). At most one run per session runs at a time.
+
+        Args:
+            session_id: the session the run publishes to.
+            source: an async iterable (an async generator), or a callable without
+                arguments returning one.
+            event: the event name of the run's items (None: unnamed, "message").
+
+        Returns:
+            The run's state now (running).
+
+        Raises:
+            RunActiveError: the session has a running run.
+            RunLimitError: ``max_runs`` runs are running.
+            ValueError: bad session id, or `event` is bad or "end".
+            TypeError: `source` is not an async iterable.
+            SessionLimitError: the session is new and ``max_sessions`` is reached.
+            BroadcasterClosedError: the broadcaster is not running.
+        """
+        check_session_id(session_id)
+        if event is not None:
+            _check_name_and_retry(event, None)
+        runs = self._require_runs()
+        task_group = self._task_group
+        if task_group is None:  # pragma: no cover - running implies entered
+            self._hub.check_running()
+            raise RuntimeError("no task group")
+        return await runs.start_run(task_group, session_id, source, event)
+
+    async def run_info(self, session_id: str) -> RunInfo | None:
+        """The session's latest run: running, ended and retained, or swept.
+
+        A swept run (``retained`` False) is remembered for ``session_ttl``; None
+        when the session has had no run (or it was forgotten).
+        """
+        check_session_id(session_id)
+        return await self._require_runs().info(session_id)
+
+    async def cancel_run(self, session_id: str) -> bool:
+        """Cancel the session's running run, wherever it runs.
+
+        The generator is cancelled at its current ``await`` (its ``finally``
+        runs), then the end marker says ``"cancelled"``. With a run of this
+        process, this returns once the end marker is published.
+
+        Returns:
+            True when a running run was asked to stop; False when none was running.
+        """
+        check_session_id(session_id)
+        return await self._require_runs().cancel(session_id)
 
     # -- sweeps ------------------------------------------------------------------------------
 
@@ -339,6 +448,8 @@ class EventBroadcaster:
         emptied = [sid for sid in dead if not hub.has_subscribers(sid)]
         for session_id in emptied:
             await self._backend.detach(session_id)
+        if self._runs is not None:
+            await self._runs.sweep()
         result = await self._backend.sweep()
         self._expired_events += result.expired_events
         self._sessions_expired += result.sessions_expired
@@ -395,7 +506,24 @@ class EventBroadcaster:
             process_memory_bytes=_metrics.process_memory_bytes(),
             memory_estimate_bytes=estimate + hub.subscribers * _SUBSCRIPTION_OVERHEAD,
             memory_pressure=self._memory.level,
+            **self._run_counters(),
         )
+
+    def _run_counters(self) -> dict[str, int]:
+        runs = self._runs
+        if runs is None:
+            return {}
+        counts = runs.store.counts()
+        return {
+            "runs_running": counts.running,
+            "runs_retained": counts.finished + counts.failed + counts.cancelled,
+            "runs_started": runs.started,
+            "runs_finished": runs.ended[RunState.FINISHED],
+            "runs_failed": runs.ended[RunState.FAILED],
+            "runs_cancelled": runs.ended[RunState.CANCELLED],
+            "runs_expired": runs.expired,
+            "run_transcript_bytes": counts.transcript_bytes,
+        }
 
     def stats(self) -> dict[str, Any]:
         """A JSON-ready snapshot, the body of a ``/stats`` route.
@@ -424,6 +552,16 @@ class EventBroadcaster:
             "replays": c.replays,
             "replayedEvents": c.replayed_events,
             "gaps": c.gaps,
+            "runs": {
+                "running": c.runs_running,
+                "retained": c.runs_retained,
+                "started": c.runs_started,
+                "finished": c.runs_finished,
+                "failed": c.runs_failed,
+                "cancelled": c.runs_cancelled,
+                "expired": c.runs_expired,
+                "transcriptBytes": c.run_transcript_bytes,
+            },
             "memoryPressure": c.memory_pressure,
             "backend": self._backend.stats(),
         }

@@ -101,6 +101,15 @@ class Counters(NamedTuple):
     process_memory_bytes: int
     memory_estimate_bytes: int
     memory_pressure: PressureLevel | None
+    # Resumable runs (#13); defaults so that a caller without runs need not name them.
+    runs_running: int = 0
+    runs_retained: int = 0
+    runs_started: int = 0
+    runs_finished: int = 0
+    runs_failed: int = 0
+    runs_cancelled: int = 0
+    runs_expired: int = 0
+    run_transcript_bytes: int = 0
 
 
 class MemoryWatch:
@@ -232,6 +241,44 @@ _METRICS: tuple[tuple[str, str, str, str], ...] = (
         "gauge",
         "Estimate of the memory the broadcaster holds.",
         "memory_estimate_bytes",
+    ),
+    ("sse_broadcaster_runs_running", "gauge", "Runs running now.", "runs_running"),
+    (
+        "sse_broadcaster_runs_retained",
+        "gauge",
+        "Ended runs whose transcript is still resumable.",
+        "runs_retained",
+    ),
+    ("sse_broadcaster_runs_started_total", "counter", "Runs started here.", "runs_started"),
+    (
+        "sse_broadcaster_runs_finished_total",
+        "counter",
+        "Runs started here that finished.",
+        "runs_finished",
+    ),
+    (
+        "sse_broadcaster_runs_failed_total",
+        "counter",
+        "Runs started here that failed.",
+        "runs_failed",
+    ),
+    (
+        "sse_broadcaster_runs_cancelled_total",
+        "counter",
+        "Runs started here that were cancelled.",
+        "runs_cancelled",
+    ),
+    (
+        "sse_broadcaster_runs_expired_total",
+        "counter",
+        "Run transcripts swept after run_ttl.",
+        "runs_expired",
+    ),
+    (
+        "sse_broadcaster_run_transcript_bytes",
+        "gauge",
+        "Encoded bytes retained for run transcripts.",
+        "run_transcript_bytes",
     ),
 )
 
