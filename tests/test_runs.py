@@ -15,11 +15,14 @@ import pytest
 from sse_broadcaster import (
     RUN_END_EVENT,
     BroadcasterClosedError,
+    BroadcasterConfig,
     Event,
     EventBroadcaster,
     RunActiveError,
     RunInfo,
+    RunLimitError,
     RunState,
+    SessionLimitError,
 )
 
 pytestmark = pytest.mark.anyio
@@ -366,3 +369,274 @@ async def test_bad_arguments() -> None:
         await broadcaster.start_run("s", tokens(1))
     with pytest.raises(BroadcasterClosedError):
         await EventBroadcaster().start_run("s", tokens(1))
+
+
+async def test_the_transcript_outlives_the_session_limits_until_run_ttl() -> None:
+    clock = FakeClock()
+    config = BroadcasterConfig(
+        max_history_per_session=5,
+        event_ttl=10.0,
+        session_ttl=20.0,
+        max_history_bytes=65_536,
+        run_ttl=100.0,
+    )
+    async with EventBroadcaster(config, clock=clock) as broadcaster:
+        await broadcaster.publish("s", "before")  # ordinary history of the session
+        await broadcaster.start_run("s", tokens(50))
+        full = await read_run(broadcaster, "s")
+        assert len(full) == 51
+        # Other sessions' traffic past max_history_bytes evicts ordinary history only.
+        for _ in range(40):
+            await broadcaster.publish("noise", "x" * 2000)
+        clock.advance(50)  # past event_ttl and session_ttl, within run_ttl
+        await broadcaster.cleanup()
+        assert [e.id for e in await read_run(broadcaster, "s", full[0].id)] == [
+            e.id for e in full[1:]
+        ]
+        info = await broadcaster.run_info("s")
+        assert info is not None
+        assert info.retained
+        assert broadcaster.stats()["runs"]["retained"] == 1
+
+        clock.advance(51)  # run_ttl after the end: swept
+        await broadcaster.cleanup()
+        swept = await broadcaster.run_info("s")
+        assert swept is not None
+        assert not swept.retained
+        assert swept.state is RunState.FINISHED
+        assert swept.end_event_id == full[-1].id
+        assert await broadcaster.history("s") == []
+        stats = broadcaster.stats()
+        assert stats["runs"]["retained"] == 0
+        assert stats["runs"]["expired"] == 1
+        assert stats["runs"]["transcriptBytes"] == 0
+        # An id inside the expired run: a gap, never a second run.
+        async with broadcaster.subscribe("s", last_event_id=full[3].id, until_end=True) as sub:
+            assert sub.gap
+            assert sub.queued == 0
+        # The id of its end marker: ended at once.
+        assert await read_run(broadcaster, "s", full[-1].id) == []
+        # session_ttl later, the swept run is forgotten too.
+        clock.advance(21)
+        await broadcaster.cleanup()
+        assert await broadcaster.run_info("s") is None
+
+
+async def test_a_retained_run_holds_its_session_slot() -> None:
+    clock = FakeClock()
+    config = BroadcasterConfig(max_sessions=2, session_ttl=5.0, run_ttl=10.0)
+    async with EventBroadcaster(config, clock=clock) as broadcaster:
+        await broadcaster.start_run("a", tokens(2))
+        await read_run(broadcaster, "a")
+        await broadcaster.publish("b", "x")
+        clock.advance(6)
+        await broadcaster.cleanup()  # b is idle past session_ttl; a is retained
+        assert broadcaster.stats()["totalSessions"] == 1
+        await broadcaster.publish("c", "x")
+        with pytest.raises(SessionLimitError):
+            await broadcaster.start_run("d", tokens(1))
+        with pytest.raises(SessionLimitError):
+            await broadcaster.publish("d", "x")
+        clock.advance(5)
+        await broadcaster.cleanup()  # a's transcript is swept: its slot is free
+        await broadcaster.publish("d", "x")
+
+
+async def test_the_event_cap_fails_the_run() -> None:
+    config = BroadcasterConfig(max_run_events=10)
+    async with EventBroadcaster(config) as broadcaster:
+        await broadcaster.start_run("s", tokens(100))
+        events = await read_run(broadcaster, "s")
+        info = await wait_ended(broadcaster, "s")
+    assert len(events) == 10  # nine items and the end marker: max_run_events in all
+    data = end_data(events[-1])
+    assert data["state"] == "failed"
+    assert data["error"] == (
+        "the run's transcript reached its cap (max_run_events=10, max_run_bytes=8388608)"
+    )
+    assert info.state is RunState.FAILED
+    assert info.events == 9
+
+
+async def test_the_byte_cap_fails_the_run() -> None:
+    config = BroadcasterConfig(max_run_bytes=4096)
+
+    async def gen() -> AsyncIterator[str]:
+        while True:
+            yield "x" * 100
+
+    async with EventBroadcaster(config) as broadcaster:
+        await broadcaster.start_run("s", gen())
+        events = await read_run(broadcaster, "s")
+        info = await wait_ended(broadcaster, "s")
+        assert sum(e.size for e in events) <= 4096
+        assert end_data(events[-1])["state"] == "failed"
+        assert "max_run_bytes=4096" in end_data(events[-1])["error"]
+        assert info.bytes == sum(e.size for e in events[:-1])
+        assert broadcaster.stats()["runs"]["transcriptBytes"] == sum(e.size for e in events)
+
+
+async def test_max_runs_bounds_running_runs_and_transcripts() -> None:
+    config = BroadcasterConfig(max_runs=2)
+    release = {"a": anyio.Event(), "b": anyio.Event()}
+
+    async def waiting(name: str) -> AsyncIterator[str]:
+        yield "w"
+        await release[name].wait()
+
+    async with EventBroadcaster(config) as broadcaster:
+        await broadcaster.start_run("a", waiting("a"))
+        await broadcaster.start_run("b", waiting("b"))
+        with pytest.raises(RunLimitError, match="max_runs=2 runs are running"):
+            await broadcaster.start_run("c", tokens(1))
+        release["a"].set()
+        await wait_ended(broadcaster, "a")
+        release["b"].set()
+        await wait_ended(broadcaster, "b")
+        # Both ended and retained: a third run takes the oldest ended transcript's place.
+        await broadcaster.start_run("c", tokens(1))
+        await read_run(broadcaster, "c")
+        a = await broadcaster.run_info("a")
+        b = await broadcaster.run_info("b")
+        assert a is not None
+        assert b is not None
+        assert not a.retained
+        assert b.retained
+        assert broadcaster.stats()["runs"]["retained"] == 2
+
+
+async def test_stats_and_prometheus_count_runs() -> None:
+    release = anyio.Event()
+
+    async def waiting() -> AsyncIterator[str]:
+        yield "w"
+        await release.wait()
+
+    async def failing() -> AsyncIterator[str]:
+        raise ValueError("no")
+        yield ""  # pragma: no cover
+
+    async with EventBroadcaster() as broadcaster:
+        await broadcaster.start_run("ok", tokens(3))
+        await broadcaster.start_run("bad", failing())
+        await broadcaster.start_run("stop", waiting())
+        await broadcaster.start_run("live", waiting())
+        await wait_ended(broadcaster, "ok")
+        await wait_ended(broadcaster, "bad")
+        assert await broadcaster.cancel_run("stop")
+        runs = broadcaster.stats()["runs"]
+        assert {k: v for k, v in runs.items() if k != "transcriptBytes"} == {
+            "running": 1,
+            "retained": 3,
+            "started": 4,
+            "finished": 1,
+            "failed": 1,
+            "cancelled": 1,
+            "expired": 0,
+        }
+        assert runs["transcriptBytes"] > 0
+        text = broadcaster._prometheus_text()
+        for line in [
+            "sse_broadcaster_runs_running 1",
+            "sse_broadcaster_runs_retained 3",
+            "sse_broadcaster_runs_started_total 4",
+            "sse_broadcaster_runs_finished_total 1",
+            "sse_broadcaster_runs_failed_total 1",
+            "sse_broadcaster_runs_cancelled_total 1",
+            "sse_broadcaster_runs_expired_total 0",
+            f"sse_broadcaster_run_transcript_bytes {runs['transcriptBytes']}",
+        ]:
+            assert f"\n{line}\n" in text
+        release.set()
+
+
+async def test_aclose_cancels_running_runs_and_publishes_their_end() -> None:
+    cleaned = anyio.Event()
+    started = anyio.Event()
+
+    async def gen() -> AsyncIterator[str]:
+        try:
+            yield "one"
+            started.set()
+            await anyio.sleep_forever()
+            yield "never"  # pragma: no cover
+        finally:
+            cleaned.set()
+
+    seen: list[Event] = []
+    with anyio.fail_after(10):
+        async with EventBroadcaster() as broadcaster:
+            await broadcaster.start_run("s", gen())
+            async with broadcaster.subscribe("s", until_end=True) as sub:
+                await started.wait()
+                await broadcaster.aclose()
+                seen = [e async for e in sub]
+    assert cleaned.is_set()
+    assert [e.data for e in seen[:-1]] == ["one"]
+    assert end_data(seen[-1])["state"] == "cancelled"
+    assert broadcaster.stats()["runs"]["cancelled"] == 1
+
+
+async def test_leaving_the_broadcaster_with_a_running_run_does_not_hang() -> None:
+    async def forever() -> AsyncIterator[str]:
+        while True:
+            yield "x"
+            await anyio.sleep(0.01)
+
+    with anyio.fail_after(10):
+        async with EventBroadcaster() as broadcaster:
+            await broadcaster.start_run("s", forever())
+            await anyio.sleep(0.05)
+    assert broadcaster.stats()["runs"]["running"] == 0
+
+
+async def test_a_generator_that_never_awaits_can_be_cancelled() -> None:
+    async def busy() -> AsyncIterator[int]:
+        i = 0
+        while True:
+            i += 1
+            yield i
+
+    async with EventBroadcaster(BroadcasterConfig(max_run_events=10_000_000)) as broadcaster:
+        await broadcaster.start_run("s", busy())
+        await anyio.sleep(0.01)
+        with anyio.fail_after(10):
+            assert await broadcaster.cancel_run("s")
+        info = await broadcaster.run_info("s")
+        assert info is not None
+        assert info.state is RunState.CANCELLED
+        assert info.events > 0
+
+
+async def test_close_session_cancels_its_run() -> None:
+    started = anyio.Event()
+
+    async def gen() -> AsyncIterator[str]:
+        yield "one"
+        started.set()
+        await anyio.sleep_forever()
+
+    async with EventBroadcaster() as broadcaster:
+        await broadcaster.start_run("s", gen())
+        await started.wait()
+        with anyio.fail_after(10):
+            assert await broadcaster.close_session("s")
+        assert await broadcaster.run_info("s") is None
+        assert await broadcaster.history("s") == []
+        assert broadcaster.stats()["runs"]["running"] == 0
+        await broadcaster.start_run("s", tokens(1))  # a new run may start
+
+
+async def test_a_reader_joining_an_ended_run_reads_it_from_the_start() -> None:
+    async with EventBroadcaster() as broadcaster:
+        await broadcaster.publish("s", "before the run")
+        await broadcaster.start_run("s", tokens(3))
+        await wait_ended(broadcaster, "s")
+        events = await read_run(broadcaster, "s")
+        assert [e.data for e in events[:-1]] == ["t0", "t1", "t2"]
+        info = await broadcaster.run_info("s")
+        assert info is not None
+        assert info.replay_from is not None
+        assert info.is_end(events[-1].id)
+        assert not info.is_end(events[0].id)
+        assert not info.is_end(None)
