@@ -24,6 +24,8 @@ from sse_broadcaster import (
     RunState,
     SessionLimitError,
 )
+from sse_broadcaster._runs import MemoryRunStore, RunStore, RunSweep
+from sse_broadcaster.backends import MemoryBackend
 
 pytestmark = pytest.mark.anyio
 
@@ -640,3 +642,93 @@ async def test_a_reader_joining_an_ended_run_reads_it_from_the_start() -> None:
         assert info.is_end(events[-1].id)
         assert not info.is_end(events[0].id)
         assert not info.is_end(None)
+
+
+class BeatingStore(MemoryRunStore):
+    """The memory store with the hooks a shared store uses: heartbeats and dead producers.
+
+    It stands for a Redis store in the seam's own test: `heartbeat` records the
+    beats, and `sweep` reports as dead the runs named in `dead_sessions`, as a
+    store that saw their heartbeat key expire would.
+    """
+
+    def __init__(self, backend: MemoryBackend, config: BroadcasterConfig, clock: Any) -> None:
+        super().__init__(backend, config, clock)
+        self.beats: list[str] = []
+        self.dead_sessions: set[str] = set()
+
+    @property
+    def heartbeat_interval(self) -> float | None:
+        return 0.01
+
+    async def heartbeat(self, info: RunInfo) -> None:
+        self.beats.append(info.run_id)
+
+    async def sweep(self) -> RunSweep:
+        result = await super().sweep()
+        dead = []
+        for session_id in sorted(self.dead_sessions):
+            info = await self.get(session_id)
+            if info is not None and not info.ended:
+                dead.append(info)
+        self.dead_sessions.clear()
+        return RunSweep(result.expired, dead)
+
+
+class BeatingBackend(MemoryBackend):
+    def run_store(self) -> MemoryRunStore:
+        if self._run_store is None:
+            hub = self._require_hub()
+            self._run_store = BeatingStore(self, hub.config, hub.clock)
+        return self._run_store
+
+
+async def test_a_store_with_heartbeats_gets_them_while_the_run_lives() -> None:
+    release = anyio.Event()
+
+    async def waiting() -> AsyncIterator[str]:
+        yield "w"
+        await release.wait()
+
+    backend = BeatingBackend()
+    async with EventBroadcaster(backend=backend) as broadcaster:
+        store = backend.run_store()
+        assert isinstance(store, BeatingStore)
+        assert isinstance(store, RunStore)
+        info = await broadcaster.start_run("s", waiting())
+        with anyio.fail_after(10):
+            while len(store.beats) < 3:
+                await anyio.sleep(0.01)
+        release.set()
+        await wait_ended(broadcaster, "s")
+        await anyio.sleep(0.05)
+        beats = len(store.beats)
+        await anyio.sleep(0.05)
+        assert len(store.beats) == beats  # no beat after the end
+        assert set(store.beats) == {info.run_id}
+
+
+async def test_a_run_whose_producer_died_ends_failed_for_its_readers() -> None:
+    backend = BeatingBackend()
+    async with EventBroadcaster(backend=backend) as broadcaster:
+        store = backend.run_store()
+        assert isinstance(store, BeatingStore)
+        # A run claimed by a producer elsewhere (another process), which then dies.
+        await store.claim("s", "elsewhere", broadcaster.clock())
+        await broadcaster.publish("s", "partial")
+        async with broadcaster.subscribe("s", until_end=True) as sub:
+            store.dead_sessions.add("s")
+            await broadcaster.cleanup()
+            with anyio.fail_after(10):
+                events = [e async for e in sub]
+        assert [e.data for e in events[:-1]] == ["partial"]
+        assert end_data(events[-1]) == {
+            "state": "failed",
+            "runId": "elsewhere",
+            "events": 0,
+            "error": "the run's producer stopped",
+        }
+        info = await broadcaster.run_info("s")
+        assert info is not None
+        assert info.state is RunState.FAILED
+        assert info.end_event_id == events[-1].id

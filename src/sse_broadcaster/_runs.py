@@ -402,7 +402,29 @@ class RunManager:
         task_group.start_soon(
             self._run, local, iterable, event, name=f"sse_broadcaster run {session_id!r}"
         )
+        interval = self.store.heartbeat_interval
+        if interval is not None:
+            task_group.start_soon(
+                self._heartbeat,
+                local,
+                interval,
+                name=f"sse_broadcaster run heartbeat {session_id!r}",
+            )
         return info
+
+    async def _heartbeat(self, local: _LocalRun, interval: float) -> None:
+        """Tell the store the producer lives, until the run ends (shared stores only)."""
+        while not local.done.is_set():
+            try:
+                await self.store.heartbeat(local.info)
+            except Exception:
+                # A missed beat is retried; enough of them and the store's sweep
+                # ends the run as failed, which is right for a producer it cannot see.
+                logger.exception(
+                    "sse_broadcaster: run heartbeat of %r failed", local.info.session_id
+                )
+            with anyio.move_on_after(interval):
+                await local.done.wait()
 
     def snapshot(self, session_id: str) -> RunInfo | None:
         """The live state of a run started here (None: not running here)."""
