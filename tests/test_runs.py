@@ -24,8 +24,7 @@ from sse_broadcaster import (
     RunState,
     SessionLimitError,
 )
-from sse_broadcaster._runs import MemoryRunStore, RunStore, RunSweep
-from sse_broadcaster.backends import MemoryBackend
+from sse_broadcaster.backends import MemoryBackend, MemoryRunStore, RunStore, RunSweep
 
 pytestmark = pytest.mark.anyio
 
