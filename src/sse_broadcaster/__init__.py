@@ -32,7 +32,7 @@ from ._errors import (
 )
 from ._event import Event
 from ._metrics import MemoryMetrics
-from ._runs import RUN_END_EVENT, RunInfo, RunState
+from ._run_state import RUN_END_EVENT, RunInfo, RunState
 from ._subscription import Subscription
 from ._types import OverflowPolicy, check_session_id
 

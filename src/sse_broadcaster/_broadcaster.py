@@ -14,11 +14,10 @@ from typing_extensions import Self
 
 from . import _metrics
 from ._config import BroadcasterConfig
-from ._errors import BroadcasterError
-from ._event import Event, _check_name_and_retry
+from ._event import Event
 from ._hub import Hub
 from ._metrics import Counters, MemoryMetrics, MemoryPressureHook, MemoryWatch, render_metrics
-from ._runs import RunInfo, RunManager, RunSource, RunState, RunStore, _UntilEnd
+from ._runs import RunManager, RunsMixin, _UntilEnd
 from ._subscription import Subscription
 from ._types import Clock, check_session_id
 from .backends._base import Backend
@@ -32,7 +31,7 @@ _SUBSCRIPTION_OVERHEAD = 400  # Subscription, its weakref and set entry (bytes, 
 _MB = 1024 * 1024
 
 
-class EventBroadcaster:
+class EventBroadcaster(RunsMixin):
     """Fans events out to the subscribers of each session, with bounded memory.
 
     ::
@@ -279,10 +278,6 @@ class EventBroadcaster:
             return _UntilEnd(self._hub, session_id, last_event_id, run_info)
         return Subscription(self._hub, session_id, last_event_id)
 
-    async def _until_end_info(self, session_id: str) -> RunInfo | None:
-        self._hub.check_running()
-        return None if self._runs is None else await self._runs.info(session_id)
-
     def subscriber_count(self, session_id: str) -> int:
         """Subscriptions of the session open in this process (0 for an unknown session).
 
@@ -339,87 +334,6 @@ class EventBroadcaster:
         finally:
             hub.end_session(session_id)
         return existed or had_subscribers
-
-    # -- resumable runs (#13) ------------------------------------------------------------
-
-    async def _start_runs(self) -> RunManager | None:
-        make_store = getattr(self._backend, "run_store", None)
-        if make_store is None:
-            return None  # this backend keeps no runs: start_run says so
-        store: RunStore = make_store()
-        manager = RunManager(self, store, self._config, self._clock)
-        await manager.start()
-        return manager
-
-    def _require_runs(self) -> RunManager:
-        self._hub.check_running()
-        if self._runs is None:
-            raise BroadcasterError(
-                f"the backend {type(self._backend).__name__} does not support runs "
-                "(it has no run_store())"
-            )
-        return self._runs
-
-    async def start_run(
-        self, session_id: str, source: RunSource, *, event: str | None = None
-    ) -> RunInfo:
-        """Run an async generator in the background, publishing each item to the session.
-
-        Returns at once; the run lives in the broadcaster's task group, not in the
-        caller's request. Each item is published as `publish` would (str, bytes
-        or JSON-able data), or, when it is a mapping with a ``"data"`` key and
-        at most ``"event"`` and ``"retry"`` besides, as those fields. Items are
-        named `event` unless they say otherwise. The run's last event is its end
-        marker (``event: end``). At most one run per session runs at a time.
-
-        Args:
-            session_id: the session the run publishes to.
-            source: an async iterable (an async generator), or a callable without
-                arguments returning one.
-            event: the event name of the run's items (None: unnamed, "message").
-
-        Returns:
-            The run's state now (running).
-
-        Raises:
-            RunActiveError: the session has a running run.
-            RunLimitError: ``max_runs`` runs are running.
-            ValueError: bad session id, or `event` is bad or "end".
-            TypeError: `source` is not an async iterable.
-            SessionLimitError: the session is new and ``max_sessions`` is reached.
-            BroadcasterClosedError: the broadcaster is not running.
-        """
-        check_session_id(session_id)
-        if event is not None:
-            _check_name_and_retry(event, None)
-        runs = self._require_runs()
-        task_group = self._task_group
-        if task_group is None:  # pragma: no cover - running implies entered
-            self._hub.check_running()
-            raise RuntimeError("no task group")
-        return await runs.start_run(task_group, session_id, source, event)
-
-    async def run_info(self, session_id: str) -> RunInfo | None:
-        """The session's latest run: running, ended and retained, or swept.
-
-        A swept run (``retained`` False) is remembered for ``session_ttl``; None
-        when the session has had no run (or it was forgotten).
-        """
-        check_session_id(session_id)
-        return await self._require_runs().info(session_id)
-
-    async def cancel_run(self, session_id: str) -> bool:
-        """Cancel the session's running run, wherever it runs.
-
-        The generator is cancelled at its current ``await`` (its ``finally``
-        runs), then the end marker says ``"cancelled"``. With a run of this
-        process, this returns once the end marker is published.
-
-        Returns:
-            True when a running run was asked to stop; False when none was running.
-        """
-        check_session_id(session_id)
-        return await self._require_runs().cancel(session_id)
 
     # -- sweeps ------------------------------------------------------------------------------
 
@@ -508,22 +422,6 @@ class EventBroadcaster:
             memory_pressure=self._memory.level,
             **self._run_counters(),
         )
-
-    def _run_counters(self) -> dict[str, int]:
-        runs = self._runs
-        if runs is None:
-            return {}
-        counts = runs.store.counts()
-        return {
-            "runs_running": counts.running,
-            "runs_retained": counts.finished + counts.failed + counts.cancelled,
-            "runs_started": runs.started,
-            "runs_finished": runs.ended[RunState.FINISHED],
-            "runs_failed": runs.ended[RunState.FAILED],
-            "runs_cancelled": runs.ended[RunState.CANCELLED],
-            "runs_expired": runs.expired,
-            "run_transcript_bytes": counts.transcript_bytes,
-        }
 
     def stats(self) -> dict[str, Any]:
         """A JSON-ready snapshot, the body of a ``/stats`` route.

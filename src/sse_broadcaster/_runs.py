@@ -13,324 +13,38 @@ The last event of every run is the end marker: ``event: end`` with JSON data
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import secrets
-from collections import OrderedDict
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 from typing_extensions import Self
 
-from ._errors import BroadcasterClosedError, BroadcasterError, RunActiveError, RunLimitError
-from ._event import Event
+from ._errors import BroadcasterClosedError, BroadcasterError
+from ._event import Event, _check_name_and_retry
+from ._run_state import RUN_END_EVENT, RunInfo, RunSource, RunState, RunStore
 from ._subscription import Subscription
+from ._types import check_session_id
 
 if TYPE_CHECKING:
     from ._config import BroadcasterConfig
+    from ._hub import Hub
     from ._types import Clock
+    from .backends._base import Backend
 
-__all__ = [
-    "RUN_END_EVENT",
-    "MemoryRunStore",
-    "RunCounts",
-    "RunInfo",
-    "RunSource",
-    "RunState",
-    "RunStore",
-    "RunSweep",
-]
+__all__ = ["RunManager", "RunsMixin"]
 
 logger = logging.getLogger("sse_broadcaster")
-
-RUN_END_EVENT = "end"
-"""The event name of a run's end marker (reserved: a run's items may not use it)."""
 
 # Room kept under max_run_bytes for the end marker, so that it always fits.
 _END_RESERVE = 512
 # How much of a library-made reason the end marker carries.
 _MAX_REASON = 200
-
-#: What `EventBroadcaster.start_run` accepts: an async iterable of items, or a
-#: callable without arguments returning one (an async generator function).
-RunSource: TypeAlias = AsyncIterable[Any] | Callable[[], AsyncIterable[Any]]
-
-
-class RunState(str, enum.Enum):
-    """Where a run is in its life."""
-
-    RUNNING = "running"
-    FINISHED = "finished"
-    """The generator was exhausted."""
-    FAILED = "failed"
-    """The generator raised, an item was refused, a cap was reached, or the producer died."""
-    CANCELLED = "cancelled"
-    """`cancel_run`, `close_session` or the broadcaster closing stopped it."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RunInfo:
-    """A snapshot of a run, from `EventBroadcaster.start_run` and `run_info`."""
-
-    session_id: str
-    run_id: str
-    """Random, unique per run; also in the end marker's data (``runId``)."""
-    state: RunState
-    started_at: float
-    replay_from: str | None = None
-    """The Last-Event-ID that replays the run from its first event (the session's
-    last id before the run; opaque, as every id)."""
-    ended_at: float | None = None
-    first_event_id: str | None = None
-    """Id of the run's first event (None until it publishes one)."""
-    end_event_id: str | None = None
-    """Id of the end marker (None while running)."""
-    events: int = 0
-    """Items published so far (the end marker not counted)."""
-    bytes: int = 0
-    """Encoded bytes of those items."""
-    error: str | None = None
-    """Why it failed, for the server's eyes (may name internals; clients get less)."""
-    retained: bool = True
-    """False once the transcript was swept (``run_ttl`` after the end): not resumable."""
-
-    @property
-    def ended(self) -> bool:
-        return self.state is not RunState.RUNNING
-
-    def is_end(self, last_event_id: str | None) -> bool:
-        """True when `last_event_id` is this run's end marker: nothing more will come.
-
-        The HTTP adapters answer such a reconnect with 204 so that an
-        EventSource stops reconnecting.
-        """
-        return last_event_id is not None and last_event_id == self.end_event_id
-
-
-@dataclass(frozen=True, slots=True)
-class RunCounts:
-    """What `RunStore.counts` answers: runs whose state this store holds."""
-
-    running: int = 0
-    finished: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    transcript_bytes: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class RunSweep:
-    """What one `RunStore.sweep` did."""
-
-    expired: int = 0
-    """Ended runs whose transcript was dropped (``run_ttl`` passed)."""
-    dead: Sequence[RunInfo] = ()
-    """Running runs whose producer stopped heartbeating: the manager ends them as failed."""
-
-
-@runtime_checkable
-class RunStore(Protocol):
-    """Where the state of runs lives, and how cancellation reaches the producer.
-
-    The `RunManager` of each process runs the generators it started and calls
-    these; a backend offers one through a ``run_store()`` method. The memory
-    store keeps everything in this process. A shared one (Redis) keeps each
-    run in a hash, delivers `cancel` to the owning process over Pub/Sub (that
-    process's `on_cancel` callback), and has the owner refresh a heartbeat key
-    with a TTL of ``run_heartbeat_timeout`` every `heartbeat_interval`: `sweep`
-    reports runs whose key expired as `RunSweep.dead`.
-    """
-
-    @property
-    def heartbeat_interval(self) -> float | None:
-        """Seconds between `heartbeat` calls of a running run (None: not needed)."""
-
-    async def start(self, on_cancel: Callable[[str, str], None]) -> None:
-        """Begin; ``on_cancel(session_id, run_id)`` stops a run started in this process."""
-
-    async def aclose(self) -> None:
-        """Release resources (the broadcaster has ended every local run)."""
-
-    async def claim(self, session_id: str, run_id: str, now: float) -> RunInfo:
-        """Record a new running run of the session and retain its transcript in full.
-
-        Raises:
-            RunActiveError: a run of the session is running (in any process).
-            RunLimitError: ``max_runs`` runs are running.
-            SessionLimitError: the session is new and ``max_sessions`` is reached.
-        """
-
-    async def ended(self, info: RunInfo) -> None:
-        """Record the run's end (its end marker is published); ``run_ttl`` starts."""
-
-    async def get(self, session_id: str) -> RunInfo | None:
-        """The session's latest run (running, retained, or swept but remembered)."""
-
-    async def cancel(self, session_id: str) -> RunInfo | None:
-        """Ask the process running the session's run to cancel it; the run, if running."""
-
-    async def heartbeat(self, info: RunInfo) -> None:
-        """The run's producer is alive (called every `heartbeat_interval`)."""
-
-    async def forget(self, session_id: str) -> None:
-        """Drop the session's run record (the session is being closed)."""
-
-    async def sweep(self) -> RunSweep:
-        """Drop transcripts ``run_ttl`` after their end; find dead producers."""
-
-    def counts(self) -> RunCounts:
-        """Runs by state and transcript bytes, in O(1)."""
-
-
-class PinningBackend(Protocol):
-    """What `MemoryRunStore` needs of `MemoryBackend`: retain a session's history in full."""
-
-    def pin(self, session_id: str, *, reset: bool) -> str: ...
-
-    def unpin(self, session_id: str) -> None: ...
-
-    def pinned_bytes(self) -> int: ...
-
-
-class MemoryRunStore:
-    """Run state in this process, for `MemoryBackend` (made by its ``run_store()``).
-
-    A running or retained run *pins* its session in the backend: its history is
-    then trimmed neither by ``max_history_per_session`` nor by ``event_ttl`` nor
-    by ``max_history_bytes``, only by ``max_run_events`` / ``max_run_bytes``,
-    and the session holds its ``max_sessions`` slot. A swept run is remembered
-    (``retained=False``) for ``session_ttl``, at most ``max_sessions`` of them
-    (10,000 without that limit), so that a late reconnect learns that it expired.
-    """
-
-    def __init__(self, backend: PinningBackend, config: BroadcasterConfig, clock: Clock) -> None:
-        self._backend = backend
-        self._config = config
-        self._clock = clock
-        self._on_cancel: Callable[[str, str], None] | None = None
-        self._runs: dict[str, RunInfo] = {}
-        # Ended, retained runs by session id, in order of their end (the sweep's order).
-        self._ended: OrderedDict[str, float] = OrderedDict()
-        self._running = 0
-        self._by_state = {RunState.FINISHED: 0, RunState.FAILED: 0, RunState.CANCELLED: 0}
-        # Swept runs, for `get`: session id -> (info, when swept).
-        self._swept: OrderedDict[str, tuple[RunInfo, float]] = OrderedDict()
-
-    @property
-    def heartbeat_interval(self) -> float | None:
-        return None  # the producer is this process: it cannot die without the store
-
-    async def start(self, on_cancel: Callable[[str, str], None]) -> None:
-        self._on_cancel = on_cancel
-
-    async def aclose(self) -> None:
-        self._runs.clear()
-        self._ended.clear()
-        self._swept.clear()
-
-    async def claim(self, session_id: str, run_id: str, now: float) -> RunInfo:
-        current = self._runs.get(session_id)
-        if current is not None and current.state is RunState.RUNNING:
-            raise RunActiveError(
-                f"session {session_id!r} already has a running run ({current.run_id}); "
-                "cancel it (cancel_run) or wait for its end"
-            )
-        limit = self._config.max_runs
-        if self._running >= limit:
-            raise RunLimitError(f"cannot start a run: max_runs={limit} runs are running")
-        # A transcript is retained per session: the previous run's goes now (readers
-        # resuming inside it are told of a gap), and past max_runs transcripts the
-        # oldest ended one goes before its run_ttl.
-        if current is not None:
-            self._drop(session_id, now)
-        while self._running + len(self._ended) >= limit:
-            self._drop(next(iter(self._ended)), now)
-        replay_from = self._backend.pin(session_id, reset=current is not None)
-        info = RunInfo(
-            session_id=session_id,
-            run_id=run_id,
-            state=RunState.RUNNING,
-            started_at=now,
-            replay_from=replay_from,
-        )
-        self._runs[session_id] = info
-        self._swept.pop(session_id, None)
-        self._running += 1
-        return info
-
-    def _drop(self, session_id: str, now: float) -> None:
-        """Unpin an ended run's transcript and remember the run as swept."""
-        info = self._runs.pop(session_id)
-        self._ended.pop(session_id, None)
-        self._by_state[info.state] -= 1
-        self._backend.unpin(session_id)
-        swept = self._swept
-        swept[session_id] = (replace(info, retained=False), now)
-        limit = self._config.max_sessions or 10_000
-        while len(swept) > limit:
-            swept.popitem(last=False)
-
-    async def ended(self, info: RunInfo) -> None:
-        current = self._runs.get(info.session_id)
-        if current is None or current.run_id != info.run_id or current.ended:
-            return
-        self._runs[info.session_id] = info
-        self._running -= 1
-        self._by_state[info.state] += 1
-        self._ended[info.session_id] = info.ended_at or self._clock()
-
-    async def get(self, session_id: str) -> RunInfo | None:
-        info = self._runs.get(session_id)
-        if info is not None:
-            return info
-        swept = self._swept.get(session_id)
-        return None if swept is None else swept[0]
-
-    async def cancel(self, session_id: str) -> RunInfo | None:
-        info = self._runs.get(session_id)
-        if info is None or info.ended:
-            return None
-        if self._on_cancel is not None:
-            self._on_cancel(session_id, info.run_id)
-        return info
-
-    async def heartbeat(self, info: RunInfo) -> None:
-        return None
-
-    async def forget(self, session_id: str) -> None:
-        info = self._runs.get(session_id)
-        if info is not None and info.ended:
-            self._drop(session_id, self._clock())
-        self._swept.pop(session_id, None)
-
-    async def sweep(self) -> RunSweep:
-        now = self._clock()
-        cutoff = now - self._config.run_ttl
-        expired = 0
-        ended = self._ended
-        while ended and next(iter(ended.values())) <= cutoff:
-            self._drop(next(iter(ended)), now)
-            expired += 1
-        idle_before = now - self._config.session_ttl
-        swept = self._swept
-        while swept and next(iter(swept.values()))[1] <= idle_before:
-            swept.popitem(last=False)
-        return RunSweep(expired, ())
-
-    def counts(self) -> RunCounts:
-        by_state = self._by_state
-        return RunCounts(
-            self._running,
-            by_state[RunState.FINISHED],
-            by_state[RunState.FAILED],
-            by_state[RunState.CANCELLED],
-            self._backend.pinned_bytes(),
-        )
 
 
 class _Publisher(Protocol):
@@ -652,3 +366,113 @@ class _UntilEnd(Subscription):
             return await self.receive()
         except anyio.EndOfStream:
             raise StopAsyncIteration from None
+
+
+class RunsMixin:
+    """The run methods of `EventBroadcaster` (#13), kept here beside their machinery."""
+
+    _backend: Backend
+    _clock: Clock
+    _config: BroadcasterConfig
+    _hub: Hub
+    _runs: RunManager | None
+    _task_group: TaskGroup | None
+
+    async def _start_runs(self) -> RunManager | None:
+        make_store = getattr(self._backend, "run_store", None)
+        if make_store is None:
+            return None  # this backend keeps no runs: start_run says so
+        store: RunStore = make_store()
+        manager = RunManager(cast(_Publisher, self), store, self._config, self._clock)
+        await manager.start()
+        return manager
+
+    def _require_runs(self) -> RunManager:
+        self._hub.check_running()
+        if self._runs is None:
+            raise BroadcasterError(
+                f"the backend {type(self._backend).__name__} does not support runs "
+                "(it has no run_store())"
+            )
+        return self._runs
+
+    async def start_run(
+        self, session_id: str, source: RunSource, *, event: str | None = None
+    ) -> RunInfo:
+        """Run an async generator in the background, publishing each item to the session.
+
+        Returns at once; the run lives in the broadcaster's task group, not in the
+        caller's request. Each item is published as `publish` would (str, bytes
+        or JSON-able data), or, when it is a mapping with a ``"data"`` key and
+        at most ``"event"`` and ``"retry"`` besides, as those fields. Items are
+        named `event` unless they say otherwise. The run's last event is its end
+        marker (``event: end``). At most one run per session runs at a time.
+
+        Args:
+            session_id: the session the run publishes to.
+            source: an async iterable (an async generator), or a callable without
+                arguments returning one.
+            event: the event name of the run's items (None: unnamed, "message").
+
+        Returns:
+            The run's state now (running).
+
+        Raises:
+            RunActiveError: the session has a running run.
+            RunLimitError: ``max_runs`` runs are running.
+            ValueError: bad session id, or `event` is bad or "end".
+            TypeError: `source` is not an async iterable.
+            SessionLimitError: the session is new and ``max_sessions`` is reached.
+            BroadcasterClosedError: the broadcaster is not running.
+        """
+        check_session_id(session_id)
+        if event is not None:
+            _check_name_and_retry(event, None)
+        runs = self._require_runs()
+        task_group = self._task_group
+        if task_group is None:  # pragma: no cover - running implies entered
+            self._hub.check_running()
+            raise RuntimeError("no task group")
+        return await runs.start_run(task_group, session_id, source, event)
+
+    async def run_info(self, session_id: str) -> RunInfo | None:
+        """The session's latest run: running, ended and retained, or swept.
+
+        A swept run (``retained`` False) is remembered for ``session_ttl``; None
+        when the session has had no run (or it was forgotten).
+        """
+        check_session_id(session_id)
+        return await self._require_runs().info(session_id)
+
+    async def cancel_run(self, session_id: str) -> bool:
+        """Cancel the session's running run, wherever it runs.
+
+        The generator is cancelled at its current ``await`` (its ``finally``
+        runs), then the end marker says ``"cancelled"``. With a run of this
+        process, this returns once the end marker is published.
+
+        Returns:
+            True when a running run was asked to stop; False when none was running.
+        """
+        check_session_id(session_id)
+        return await self._require_runs().cancel(session_id)
+
+    async def _until_end_info(self, session_id: str) -> RunInfo | None:
+        self._hub.check_running()
+        return None if self._runs is None else await self._runs.info(session_id)
+
+    def _run_counters(self) -> dict[str, int]:
+        runs = self._runs
+        if runs is None:
+            return {}
+        counts = runs.store.counts()
+        return {
+            "runs_running": counts.running,
+            "runs_retained": counts.finished + counts.failed + counts.cancelled,
+            "runs_started": runs.started,
+            "runs_finished": runs.ended[RunState.FINISHED],
+            "runs_failed": runs.ended[RunState.FAILED],
+            "runs_cancelled": runs.ended[RunState.CANCELLED],
+            "runs_expired": runs.expired,
+            "run_transcript_bytes": counts.transcript_bytes,
+        }

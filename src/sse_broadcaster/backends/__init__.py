@@ -7,7 +7,8 @@ that also has a ``run_store()`` method returning a `RunStore` supports
 resumable runs (`EventBroadcaster.start_run`).
 """
 
-from .._runs import MemoryRunStore, RunCounts, RunStore, RunSweep
+from .._run_state import RunCounts, RunStore, RunSweep
+from .._run_store import MemoryRunStore
 from ._base import Backend, BackendCounts, BackendHub, Replay, SweepResult
 from .memory import MemoryBackend
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from .._errors import BroadcasterClosedError, EventTooLargeError, SessionLimitError
 from .._event import Event, make_event
-from .._runs import MemoryRunStore
+from .._run_store import MemoryRunStore
 from ._base import BackendCounts, BackendHub, Replay, SweepResult
 
 if TYPE_CHECKING:
