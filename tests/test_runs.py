@@ -731,3 +731,25 @@ async def test_a_run_whose_producer_died_ends_failed_for_its_readers() -> None:
         assert info is not None
         assert info.state is RunState.FAILED
         assert info.end_event_id == events[-1].id
+
+
+async def test_a_run_stopped_at_a_yield_closes_its_generator() -> None:
+    # The cap stops the run while the generator is suspended at its yield: the run
+    # closes it, so its finally runs once, before the end marker is published.
+    order: list[str] = []
+
+    async def gen() -> AsyncIterator[str]:
+        try:
+            while True:
+                yield "x"
+        finally:
+            order.append("finally")
+
+    broadcaster = EventBroadcaster(BroadcasterConfig(max_run_events=3))
+    async with broadcaster, broadcaster.subscribe("s", until_end=True) as sub:
+        await broadcaster.start_run("s", gen())
+        with anyio.fail_after(10):
+            async for event in sub:
+                if event.event == RUN_END_EVENT:
+                    order.append("end")
+    assert order == ["finally", "end"]

@@ -45,6 +45,10 @@ logger = logging.getLogger("sse_broadcaster")
 _END_RESERVE = 512
 # How much of a library-made reason the end marker carries.
 _MAX_REASON = 200
+# Seconds a generator's cleanup (its ``finally``) may take when its run ends while it
+# is suspended at a ``yield`` (a cap, a refused item, a cancel between items): the
+# close is shielded, and a cleanup that never returns must not hold up shutdown.
+_CLOSE_TIMEOUT = 10.0
 
 
 class _Publisher(Protocol):
@@ -277,7 +281,8 @@ async def _aclose(iterator: AsyncIterator[Any]) -> None:
     if aclose is None:
         return
     try:
-        await aclose()
+        with anyio.move_on_after(_CLOSE_TIMEOUT):
+            await aclose()
     except Exception:
         logger.exception("sse_broadcaster: closing a run's generator raised")
 
