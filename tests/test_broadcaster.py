@@ -802,10 +802,21 @@ async def test_stats_shape() -> None:
         "sessions": 2,
         "retainedEvents": 3,
         "historyBytes": sum(e.size for e in events),
+        "runBytes": 0,
         "sessionsReleased": 0,
         "releasedSessionsRemembered": 0,
     }
     assert set(stats) >= {"replays", "replayedEvents", "gaps", "memoryPressure"}
+    assert stats["runs"] == {
+        "running": 0,
+        "retained": 0,
+        "started": 0,
+        "finished": 0,
+        "failed": 0,
+        "cancelled": 0,
+        "expired": 0,
+        "transcriptBytes": 0,
+    }
 
 
 # -- shutdown ------------------------------------------------------------------------------------

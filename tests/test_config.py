@@ -39,6 +39,11 @@ def test_defaults_are_the_reference_values() -> None:
         "max_history_bytes": 67_108_864,
         "send_timeout": 5.0,
         "max_sessions_per_subscription": 16,
+        "run_ttl": 3600.0,
+        "max_run_events": 100_000,
+        "max_run_bytes": 8_388_608,
+        "max_runs": 100,
+        "run_heartbeat_timeout": 30.0,
     }
 
 
@@ -95,6 +100,9 @@ INT_FIELDS = [  # (field, minimum, optional)
     ("max_subscribers_per_session", 1, True),
     ("max_event_bytes", 64, False),
     ("max_sessions_per_subscription", 1, False),
+    ("max_run_events", 2, False),
+    ("max_run_bytes", 1024, False),
+    ("max_runs", 1, False),
 ]
 SECONDS_FIELDS = [  # (field, optional)
     ("event_ttl", True),
@@ -102,6 +110,8 @@ SECONDS_FIELDS = [  # (field, optional)
     ("cleanup_interval", False),
     ("keepalive_interval", False),
     ("send_timeout", False),
+    ("run_ttl", False),
+    ("run_heartbeat_timeout", False),
 ]
 MB_FIELDS = ["memory_warning_threshold_mb", "memory_critical_threshold_mb"]
 

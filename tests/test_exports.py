@@ -58,6 +58,12 @@ def test_design_names_are_exported() -> None:
         "EventTooLargeError",
         "BackendUnavailableError",
         "check_session_id",
+        # resumable runs (#13)
+        "RunActiveError",
+        "RunInfo",
+        "RunLimitError",
+        "RunState",
+        "RUN_END_EVENT",
     } <= set(sse_broadcaster.__all__)
 
 
@@ -111,7 +117,7 @@ def test_import_does_not_import_optional_dependencies() -> None:
 
 def test_every_error_derives_from_broadcaster_error() -> None:
     errors = [getattr(sse_broadcaster, n) for n in sse_broadcaster.__all__ if n.endswith("Error")]
-    assert len(errors) == 8
+    assert len(errors) == 10
     for error in errors:
         assert issubclass(error, BroadcasterError)
     assert issubclass(sse_broadcaster.EventTooLargeError, ValueError)

@@ -36,6 +36,14 @@ COUNTERS = Counters(
     last_cleanup=1.5,
     process_memory_bytes=35861299,
     memory_estimate_bytes=2097152,
+    runs_running=2,
+    runs_retained=3,
+    runs_started=9,
+    runs_finished=4,
+    runs_failed=2,
+    runs_cancelled=1,
+    runs_expired=5,
+    run_transcript_bytes=4096,
     memory_pressure=None,
 )
 REDIS_STATS = {"type": "redis", "connected": True, "reconnects": 17, "recoveredEvents": 18}
@@ -92,6 +100,30 @@ sse_broadcaster_process_resident_memory_bytes 35861299
 # HELP sse_broadcaster_memory_estimate_bytes Estimate of the memory the broadcaster holds.
 # TYPE sse_broadcaster_memory_estimate_bytes gauge
 sse_broadcaster_memory_estimate_bytes 2097152
+# HELP sse_broadcaster_runs_running Runs running now.
+# TYPE sse_broadcaster_runs_running gauge
+sse_broadcaster_runs_running 2
+# HELP sse_broadcaster_runs_retained Ended runs whose transcript is still resumable.
+# TYPE sse_broadcaster_runs_retained gauge
+sse_broadcaster_runs_retained 3
+# HELP sse_broadcaster_runs_started_total Runs started here.
+# TYPE sse_broadcaster_runs_started_total counter
+sse_broadcaster_runs_started_total 9
+# HELP sse_broadcaster_runs_finished_total Runs started here that finished.
+# TYPE sse_broadcaster_runs_finished_total counter
+sse_broadcaster_runs_finished_total 4
+# HELP sse_broadcaster_runs_failed_total Runs started here that failed.
+# TYPE sse_broadcaster_runs_failed_total counter
+sse_broadcaster_runs_failed_total 2
+# HELP sse_broadcaster_runs_cancelled_total Runs started here that were cancelled.
+# TYPE sse_broadcaster_runs_cancelled_total counter
+sse_broadcaster_runs_cancelled_total 1
+# HELP sse_broadcaster_runs_expired_total Run transcripts swept after run_ttl.
+# TYPE sse_broadcaster_runs_expired_total counter
+sse_broadcaster_runs_expired_total 5
+# HELP sse_broadcaster_run_transcript_bytes Encoded bytes retained for run transcripts.
+# TYPE sse_broadcaster_run_transcript_bytes gauge
+sse_broadcaster_run_transcript_bytes 4096
 # HELP sse_broadcaster_backend_connected 1 when the backend is connected (shared backends only).
 # TYPE sse_broadcaster_backend_connected gauge
 sse_broadcaster_backend_connected 1

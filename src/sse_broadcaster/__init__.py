@@ -24,6 +24,8 @@ from ._errors import (
     BroadcasterError,
     EventTooLargeError,
     GapError,
+    RunActiveError,
+    RunLimitError,
     SessionLimitError,
     SlowSubscriberError,
     SubscriberLimitError,
@@ -31,6 +33,7 @@ from ._errors import (
 from ._event import Event
 from ._metrics import MemoryMetrics
 from ._multi import MultiSubscription
+from ._run_state import RUN_END_EVENT, RunInfo, RunState
 from ._subscription import Subscription
 from ._types import OverflowPolicy, check_session_id
 
@@ -46,6 +49,11 @@ __all__ = [
     "MemoryMetrics",
     "MultiSubscription",
     "OverflowPolicy",
+    "RUN_END_EVENT",
+    "RunActiveError",
+    "RunInfo",
+    "RunLimitError",
+    "RunState",
     "SessionLimitError",
     "SlowSubscriberError",
     "SubscriberLimitError",

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -15,8 +16,16 @@ from . import _metrics
 from ._config import BroadcasterConfig
 from ._event import Event
 from ._hub import Hub
-from ._metrics import Counters, MemoryMetrics, MemoryPressureHook, MemoryWatch, render_metrics
+from ._metrics import (
+    Counters,
+    MemoryMetrics,
+    MemoryPressureHook,
+    MemoryWatch,
+    render_metrics,
+    stats_snapshot,
+)
 from ._multi import MultiSubscription, open_many
+from ._runs import RunManager, RunsMixin, _UntilEnd
 from ._subscription import Subscription
 from ._types import Clock, check_session_id
 from .backends._base import Backend
@@ -30,7 +39,7 @@ _SUBSCRIPTION_OVERHEAD = 400  # Subscription, its weakref and set entry (bytes, 
 _MB = 1024 * 1024
 
 
-class EventBroadcaster:
+class EventBroadcaster(RunsMixin):
     """Fans events out to the subscribers of each session, with bounded memory.
 
     ::
@@ -91,6 +100,7 @@ class EventBroadcaster:
         self._sessions_expired = 0
         self._cleanups = 0
         self._last_cleanup: float | None = None
+        self._runs: RunManager | None = None  # resumable runs (#13), made on entry
 
     @property
     def config(self) -> BroadcasterConfig:
@@ -130,6 +140,7 @@ class EventBroadcaster:
         await task_group.__aenter__()
         try:
             await self._backend.start(hub)
+            self._runs = await self._start_runs()
         except BaseException:
             # Nothing runs in the task group yet: close it without handing it the
             # error, which it would wrap in an ExceptionGroup.
@@ -171,6 +182,11 @@ class EventBroadcaster:
         if hub.closed:
             return
         hub.closed = True
+        if self._runs is not None and hub.running:
+            # Running runs end first, as cancelled, while their end marker can still be
+            # published (publish needs `running`) and read from history.
+            with anyio.CancelScope(shield=True):
+                await self._runs.aclose()
         hub.running = False
         hub.end_all()
         if self._sweeper_scope is not None:
@@ -239,7 +255,9 @@ class EventBroadcaster:
 
     # -- subscribe ---------------------------------------------------------------------------
 
-    def subscribe(self, session_id: str, *, last_event_id: str | None = None) -> Subscription:
+    def subscribe(
+        self, session_id: str, *, last_event_id: str | None = None, until_end: bool = False
+    ) -> Subscription:
         """A subscription to the session; enter it with ``async with``.
 
         On entry, the retained events after `last_event_id` are queued first,
@@ -247,6 +265,12 @@ class EventBroadcaster:
         ``subscription.gap`` is True when `last_event_id` is unknown, malformed,
         from an earlier run, or older than what is retained; everything still
         retained is replayed then. An empty `last_event_id` counts as None.
+
+        With `until_end`, the subscription ends cleanly (iteration stops, the
+        receive calls raise ``anyio.EndOfStream``) right after the first end
+        marker of a run (``event: end``) it delivers; entered with the id of the
+        session's latest end marker, it ends at once; entered without an id
+        while the session retains a run, it replays that run from its first event.
 
         Raises:
             ValueError: bad session id (here); on entry, `SessionLimitError`,
@@ -257,6 +281,9 @@ class EventBroadcaster:
             last_event_id = None
         elif last_event_id is not None and not isinstance(last_event_id, str):
             raise TypeError(f"last_event_id must be a str or None, got {last_event_id!r}")
+        if until_end:
+            run_info = functools.partial(self._until_end_info, session_id)
+            return _UntilEnd(self._hub, session_id, last_event_id, run_info)
         return Subscription(self._hub, session_id, last_event_id)
 
     def subscribe_many(
@@ -326,6 +353,9 @@ class EventBroadcaster:
         hub = self._hub
         hub.check_running()
         had_subscribers = hub.has_subscribers(session_id)
+        if self._runs is not None:
+            await self._runs.cancel(session_id)
+            await self._runs.store.forget(session_id)
         try:
             # A shared backend ends this process's subscriptions itself once the
             # events published before the close have reached them; whatever is
@@ -362,6 +392,8 @@ class EventBroadcaster:
         emptied = [sid for sid in dead if not hub.has_subscribers(sid)]
         for session_id in emptied:
             await self._backend.detach(session_id)
+        if self._runs is not None:
+            await self._runs.sweep()
         result = await self._backend.sweep()
         self._expired_events += result.expired_events
         self._sessions_expired += result.sessions_expired
@@ -418,6 +450,7 @@ class EventBroadcaster:
             process_memory_bytes=_metrics.process_memory_bytes(),
             memory_estimate_bytes=estimate + hub.subscribers * _SUBSCRIPTION_OVERHEAD,
             memory_pressure=self._memory.level,
+            **self._run_counters(),
         )
 
     def stats(self) -> dict[str, Any]:
@@ -426,30 +459,7 @@ class EventBroadcaster:
         The keys of the reference deployment come first; ``totalEvents`` counts
         events retained in history. Further keys count what happened since start.
         """
-        c = self._counters()
-        return {
-            "memoryUsageMB": round(c.process_memory_bytes / _MB, 1),
-            "totalSessions": c.sessions,
-            "totalSubscribers": c.subscribers,
-            "totalEvents": c.history_events,
-            "cleanup": {
-                "expiredEventsCleaned": c.expired_events,
-                "deadQueuesCleaned": c.dead_queues,
-                "sessionsExpired": c.sessions_expired,
-                "lastCleanupTime": c.last_cleanup,
-                "cleanupCount": c.cleanups,
-            },
-            "broadcasterMemoryEstimateMB": round(c.memory_estimate_bytes / _MB, 3),
-            "eventsPublished": c.published,
-            "eventsDelivered": c.delivered,
-            "eventsDropped": c.dropped,
-            "slowSubscriberDisconnects": c.slow_disconnects,
-            "replays": c.replays,
-            "replayedEvents": c.replayed_events,
-            "gaps": c.gaps,
-            "memoryPressure": c.memory_pressure,
-            "backend": self._backend.stats(),
-        }
+        return stats_snapshot(self._counters(), self._backend.stats())
 
     def _prometheus_text(self, extra: Iterable[tuple[str, str, str, float]] = ()) -> str:
         """Every figure in the Prometheus text format, for the adapters' /metrics."""

@@ -56,6 +56,17 @@ class BroadcasterConfig:
     """Seconds the adapters wait for a client's socket to accept a write."""
     max_sessions_per_subscription: int = 16
     """Sessions one `EventBroadcaster.subscribe_many` may follow on one stream."""
+    run_ttl: float = 3600.0
+    """Seconds a run's transcript stays resumable after its end (then it is swept)."""
+    max_run_events: int = 100_000
+    """Events one run's transcript may hold, its end marker included; past it the run fails."""
+    max_run_bytes: int = 8_388_608
+    """Encoded bytes one run's transcript may hold; past it the run fails."""
+    max_runs: int = 100
+    """Runs holding a transcript (running, or ended within ``run_ttl``) at once; at most
+    this many may run, and the oldest ended transcript goes early to make room."""
+    run_heartbeat_timeout: float = 30.0
+    """Shared backends: a running run whose producer is silent this long ends as failed."""
 
     def __post_init__(self) -> None:
         check_int("max_queue_size", self.max_queue_size, 1)
@@ -99,3 +110,8 @@ class BroadcasterConfig:
             )
         check_positive("send_timeout", self.send_timeout)
         check_int("max_sessions_per_subscription", self.max_sessions_per_subscription, 1)
+        check_positive("run_ttl", self.run_ttl)
+        check_int("max_run_events", self.max_run_events, 2)
+        check_int("max_run_bytes", self.max_run_bytes, 1024)
+        check_int("max_runs", self.max_runs, 1)
+        check_positive("run_heartbeat_timeout", self.run_heartbeat_timeout)

@@ -9,7 +9,9 @@ Every exception the library raises on purpose derives from `BroadcasterError`::
     ├── SlowSubscriberError      a subscriber fell behind and was disconnected
     ├── GapError                 events were lost while a subscription was live
     ├── BackendUnavailableError  the backend (Redis) cannot be reached
-    └── EventTooLargeError       an event is larger than max_event_bytes (also a ValueError)
+    ├── EventTooLargeError       an event is larger than max_event_bytes (also a ValueError)
+    ├── RunActiveError           the session already has a running run
+    └── RunLimitError            max_runs runs are running
 
 Invalid arguments (a malformed session id, an event name with a line break, a
 bad configuration value) raise plain `ValueError` or `TypeError` whose message
@@ -24,6 +26,8 @@ __all__ = [
     "BroadcasterError",
     "EventTooLargeError",
     "GapError",
+    "RunActiveError",
+    "RunLimitError",
     "SessionLimitError",
     "SlowSubscriberError",
     "SubscriberLimitError",
@@ -73,3 +77,14 @@ class BackendUnavailableError(BroadcasterError):
 
 class EventTooLargeError(BroadcasterError, ValueError):
     """The encoded event is larger than ``max_event_bytes``."""
+
+
+class RunActiveError(BroadcasterError):
+    """`start_run` on a session whose run is still running (in any process).
+
+    At most one run per session: cancel it (`cancel_run`) or wait for its end.
+    """
+
+
+class RunLimitError(BroadcasterError):
+    """Starting another run would exceed ``max_runs`` running runs."""

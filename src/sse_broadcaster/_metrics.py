@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import psutil
 
@@ -24,6 +24,7 @@ __all__ = [
     "process_memory_mb",
     "render_metrics",
     "rss_reads",
+    "stats_snapshot",
 ]
 
 logger = logging.getLogger("sse_broadcaster")
@@ -101,6 +102,15 @@ class Counters(NamedTuple):
     process_memory_bytes: int
     memory_estimate_bytes: int
     memory_pressure: PressureLevel | None
+    # Resumable runs (#13); defaults so that a caller without runs need not name them.
+    runs_running: int = 0
+    runs_retained: int = 0
+    runs_started: int = 0
+    runs_finished: int = 0
+    runs_failed: int = 0
+    runs_cancelled: int = 0
+    runs_expired: int = 0
+    run_transcript_bytes: int = 0
 
 
 class MemoryWatch:
@@ -233,6 +243,44 @@ _METRICS: tuple[tuple[str, str, str, str], ...] = (
         "Estimate of the memory the broadcaster holds.",
         "memory_estimate_bytes",
     ),
+    ("sse_broadcaster_runs_running", "gauge", "Runs running now.", "runs_running"),
+    (
+        "sse_broadcaster_runs_retained",
+        "gauge",
+        "Ended runs whose transcript is still resumable.",
+        "runs_retained",
+    ),
+    ("sse_broadcaster_runs_started_total", "counter", "Runs started here.", "runs_started"),
+    (
+        "sse_broadcaster_runs_finished_total",
+        "counter",
+        "Runs started here that finished.",
+        "runs_finished",
+    ),
+    (
+        "sse_broadcaster_runs_failed_total",
+        "counter",
+        "Runs started here that failed.",
+        "runs_failed",
+    ),
+    (
+        "sse_broadcaster_runs_cancelled_total",
+        "counter",
+        "Runs started here that were cancelled.",
+        "runs_cancelled",
+    ),
+    (
+        "sse_broadcaster_runs_expired_total",
+        "counter",
+        "Run transcripts swept after run_ttl.",
+        "runs_expired",
+    ),
+    (
+        "sse_broadcaster_run_transcript_bytes",
+        "gauge",
+        "Encoded bytes retained for run transcripts.",
+        "run_transcript_bytes",
+    ),
 )
 
 # Figures only shared backends report, from `Backend.stats()`: (name, type, help, key).
@@ -295,3 +343,44 @@ def _number(value: float) -> str:
     if isinstance(value, int) or float(value).is_integer():
         return str(int(value))
     return repr(float(value))
+
+
+def stats_snapshot(c: Counters, backend: dict[str, object]) -> dict[str, Any]:
+    """`EventBroadcaster.stats`: the counters as the reference deployment's JSON.
+
+    Its keys come first; ``totalEvents`` counts events retained in history.
+    Further keys count what happened since start.
+    """
+    return {
+        "memoryUsageMB": round(c.process_memory_bytes / _MB, 1),
+        "totalSessions": c.sessions,
+        "totalSubscribers": c.subscribers,
+        "totalEvents": c.history_events,
+        "cleanup": {
+            "expiredEventsCleaned": c.expired_events,
+            "deadQueuesCleaned": c.dead_queues,
+            "sessionsExpired": c.sessions_expired,
+            "lastCleanupTime": c.last_cleanup,
+            "cleanupCount": c.cleanups,
+        },
+        "broadcasterMemoryEstimateMB": round(c.memory_estimate_bytes / _MB, 3),
+        "eventsPublished": c.published,
+        "eventsDelivered": c.delivered,
+        "eventsDropped": c.dropped,
+        "slowSubscriberDisconnects": c.slow_disconnects,
+        "replays": c.replays,
+        "replayedEvents": c.replayed_events,
+        "gaps": c.gaps,
+        "runs": {
+            "running": c.runs_running,
+            "retained": c.runs_retained,
+            "started": c.runs_started,
+            "finished": c.runs_finished,
+            "failed": c.runs_failed,
+            "cancelled": c.runs_cancelled,
+            "expired": c.runs_expired,
+            "transcriptBytes": c.run_transcript_bytes,
+        },
+        "memoryPressure": c.memory_pressure,
+        "backend": backend,
+    }

@@ -4,10 +4,15 @@ import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from itertools import islice
+from typing import TYPE_CHECKING
 
 from .._errors import BroadcasterClosedError, EventTooLargeError, SessionLimitError
 from .._event import Event, make_event
+from .._run_store import MemoryRunStore
 from ._base import BackendCounts, BackendHub, Replay, SweepResult
+
+if TYPE_CHECKING:
+    from .._config import BroadcasterConfig
 
 __all__ = ["MemoryBackend"]
 
@@ -20,7 +25,18 @@ _COMPACT_MIN = 1024
 
 
 class _Session:
-    __slots__ = ("bytes", "empty_position", "epoch", "history", "id", "last_active", "seq")
+    __slots__ = (
+        "bytes",
+        "empty_position",
+        "epoch",
+        "history",
+        "id",
+        "last_active",
+        "pinned",
+        "run_bytes",
+        "seq",
+        "unindexed",
+    )
 
     def __init__(self, session_id: str, epoch: str, now: float) -> None:
         self.id = session_id
@@ -31,6 +47,12 @@ class _Session:
         self.last_active = now
         # "<epoch>-0", made on the first attach, shared by every subscription.
         self.empty_position: str | None = None
+        # A run retains the session's history in full (#13): events published while it
+        # is pinned stay out of the global index (so out of max_history_bytes and
+        # event_ttl) and are the rightmost ``unindexed`` of ``history``.
+        self.pinned = False
+        self.unindexed = 0
+        self.run_bytes = 0
 
 
 class MemoryBackend:
@@ -68,6 +90,7 @@ class MemoryBackend:
         self._stale = 0
         self._events = 0
         self._bytes = 0
+        self._run_bytes = 0  # bytes of events of pinned sessions (run transcripts)
         self._closed = False
         # Sessions released for holding nothing (no subscriber, no event), and events
         # expired outside a sweep (to make room under max_sessions), for the next sweep.
@@ -75,6 +98,7 @@ class MemoryBackend:
         self._expired_early = 0
         # session id -> (epoch, last n, when released), in release order.
         self._released_ids: OrderedDict[str, tuple[str, int, float]] = OrderedDict()
+        self._run_store: MemoryRunStore | None = None
 
     def _require_hub(self) -> BackendHub:
         if self._hub is None or self._closed:
@@ -91,7 +115,7 @@ class MemoryBackend:
         self._sessions.clear()
         self._index.clear()
         self._released_ids.clear()
-        self._stale = self._events = self._bytes = 0
+        self._stale = self._events = self._bytes = self._run_bytes = 0
 
     # -- sessions ----------------------------------------------------------------------
 
@@ -127,6 +151,7 @@ class MemoryBackend:
         """
         if (
             not session.history
+            and not session.pinned
             and self._sessions.get(session.id) is session
             and self._hub is not None
             and not self._hub.has_subscribers(session.id)
@@ -151,21 +176,32 @@ class MemoryBackend:
 
     def _drop_session(self, session: _Session) -> None:
         del self._sessions[session.id]
-        self._stale += len(session.history)
+        self._clear_history(session)
+
+    def _clear_history(self, session: _Session) -> None:
+        self._stale += len(session.history) - session.unindexed
         self._events -= len(session.history)
         self._bytes -= session.bytes
+        self._run_bytes -= session.run_bytes
         session.history.clear()
-        session.bytes = 0
+        session.bytes = session.run_bytes = session.unindexed = 0
         self._maybe_compact()
 
     # -- history -----------------------------------------------------------------------
 
-    def _evict_oldest(self, session: _Session) -> None:
+    def _evict_oldest(self, session: _Session) -> bool:
+        """Drop the session's oldest event; True when it was in the global index."""
         event = session.history.popleft()
         size = len(event._wire)
+        self._events -= 1
+        if len(session.history) < session.unindexed:
+            session.unindexed -= 1
+            session.run_bytes -= size
+            self._run_bytes -= size
+            return False
         session.bytes -= size
         self._bytes -= size
-        self._events -= 1
+        return True
 
     def _maybe_compact(self) -> None:
         if self._stale > _COMPACT_MIN and self._stale * 2 > len(self._index):
@@ -218,7 +254,7 @@ class MemoryBackend:
         history = session.history
         first = session.seq - len(history) + 1
         ttl = self._require_hub().config.event_ttl
-        if ttl is None or not history or history[0].timestamp > now - ttl:
+        if ttl is None or not history or session.pinned or history[0].timestamp > now - ttl:
             return first, history
         cutoff = now - ttl
         skip = 0
@@ -277,7 +313,9 @@ class MemoryBackend:
             raise
         session.seq += 1
         session.last_active = now
-        if config.max_history_per_session:
+        if session.pinned:
+            self._append_pinned(session, new, size, config)
+        elif config.max_history_per_session:
             history = session.history
             if len(history) >= config.max_history_per_session:
                 oldest = history[0]
@@ -303,6 +341,70 @@ class MemoryBackend:
             # while someone here listens.
             self._release_if_idle(session)
         return new
+
+    def _append_pinned(
+        self, session: _Session, new: Event, size: int, config: BroadcasterConfig
+    ) -> None:
+        """Retain an event of a pinned session, within the run caps only."""
+        history = session.history
+        # The run fails at its caps before these trim anything; other events published
+        # to the session meanwhile count too, and the oldest go past the caps.
+        max_bytes = config.max_run_bytes + 2 * config.max_event_bytes
+        while history and (
+            len(history) >= config.max_run_events or session.run_bytes + size > max_bytes
+        ):
+            oldest = history[0]
+            if self._evict_oldest(session):
+                if self._index[0] is oldest:
+                    self._index.popleft()
+                else:
+                    self._stale += 1
+        history.append(new)
+        session.unindexed += 1
+        session.run_bytes += size
+        self._run_bytes += size
+        self._events += 1
+
+    # -- runs (#13): the hooks of `MemoryRunStore` ------------------------------------------
+
+    def run_store(self) -> MemoryRunStore:
+        """The store of resumable runs for this backend (made once it is started)."""
+        hub = self._require_hub()
+        if self._run_store is None:
+            self._run_store = MemoryRunStore(self, hub.config, hub.clock)
+        return self._run_store
+
+    def pin(self, session_id: str, *, reset: bool) -> str:
+        """Retain the session's history in full from now on; with `reset`, drop it first.
+
+        Returns the id after which the events to come are replayed (the
+        session's latest id, or its number 0).
+
+        Raises:
+            SessionLimitError: the session is new and ``max_sessions`` is reached.
+        """
+        hub = self._require_hub()
+        session = self._session(session_id, hub)
+        if reset:
+            self._clear_history(session)
+        session.pinned = True
+        session.last_active = hub.clock()
+        return f"{session.epoch}-{session.seq}"
+
+    def unpin(self, session_id: str) -> None:
+        """Drop the session's history (a swept run's transcript) and unpin it."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return
+        self._clear_history(session)
+        session.pinned = False
+        if self._hub is not None:
+            session.last_active = self._hub.clock()
+        self._release_if_idle(session)
+
+    def pinned_bytes(self) -> int:
+        """Encoded bytes of the events retained for runs."""
+        return self._run_bytes
 
     async def attach(
         self, session_id: str, last_event_id: str | None, register: Callable[[], None]
@@ -367,7 +469,7 @@ class MemoryBackend:
         gone = [
             s
             for s in self._sessions.values()
-            if s.last_active <= idle_before and not hub.has_subscribers(s.id)
+            if s.last_active <= idle_before and not s.pinned and not hub.has_subscribers(s.id)
         ]
         for session in gone:
             self._drop_session(session)
@@ -378,7 +480,7 @@ class MemoryBackend:
 
     def counts(self) -> BackendCounts:
         estimate = (
-            2 * self._bytes
+            2 * (self._bytes + self._run_bytes)
             + self._events * _EVENT_OVERHEAD
             + len(self._sessions) * _SESSION_OVERHEAD
             + len(self._index) * 8
@@ -392,6 +494,7 @@ class MemoryBackend:
             "sessions": len(self._sessions),
             "retainedEvents": self._events,
             "historyBytes": self._bytes,
+            "runBytes": self._run_bytes,
             "sessionsReleased": self._released,
             "releasedSessionsRemembered": len(self._released_ids),
         }
