@@ -28,30 +28,26 @@ Needs the ``starlette`` extra: ``pip install 'sse-broadcaster[starlette]'``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
-import anyio
-import anyio.lowlevel
-
 from ._adapter import (
-    COME_BACK_LATER,
     METRICS_CONTENT_TYPE,
-    SSE_HEADERS,
     Authorize,
-    come_back_later,
     is_authorized,
     missing_extra,
     parse_last_event_id,
-    prelude,
 )
-from ._connection import abort_connection, server_transport
+from ._response import EventSource
 from ._shutdown import install_shutdown_hook
-from ._streams import FLUSH_WINDOW, check_flush_window, registry_for, run_stream
+from ._streams import FLUSH_WINDOW, check_flush_window, registry_for
+from .asgi import EventSourceResponse as ASGIEventSourceResponse
+from .asgi import Receive, Scope, Send
 
 try:
+    from starlette.background import BackgroundTask
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
 except ImportError as exc:  # pragma: no cover - tested by hiding starlette
@@ -61,6 +57,7 @@ if TYPE_CHECKING:
     from ._broadcaster import EventBroadcaster
 
 __all__ = [
+    "EventSourceResponse",
     "SSEEndpoint",
     "close_streams",
     "lifespan",
@@ -69,13 +66,6 @@ __all__ = [
     "sse_endpoint",
     "stats_endpoint",
 ]
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
-_SSE_HEADERS_RAW = [(name.lower().encode(), value.encode()) for name, value in SSE_HEADERS]
 
 
 class SSEEndpoint:
@@ -109,7 +99,6 @@ class SSEEndpoint:
             await _plain(send, 405, "only GET opens an event stream", [(b"allow", b"GET")])
             return
         broadcaster = self.broadcaster
-        config = broadcaster.config
         session_id = scope.get("path_params", {}).get(self.path_param, "")
         header: bytes | None = None
         for name, value in scope["headers"]:
@@ -133,55 +122,69 @@ class SSEEndpoint:
         ):
             await _plain(send, 403, "forbidden")
             return
-        registry = registry_for(broadcaster)
-        install_shutdown_hook(registry)
-        try:
-            if registry.closing:
-                await _come_back_later(send, broadcaster, "the server is shutting down")
-                return
-            await subscription.__aenter__()
-        except COME_BACK_LATER as exc:
-            await _come_back_later(send, broadcaster, str(exc))
-            return
+        response = ASGIEventSourceResponse(subscription, flush_window=self.flush_window)
+        response._core.last_event_id = last_event_id
+        await response(scope, receive, send)
 
-        # Taken now: a stream dropped for its send timeout must close its socket.
-        transport = server_transport(receive)
 
-        async def write(data: bytes) -> None:
-            await send({"type": "http.response.body", "body": data, "more_body": True})
+class EventSourceResponse(Response):
+    """A Starlette / FastAPI response streaming Server-Sent Events; return it from a handler.
 
-        async def listen() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
+    ::
 
-        try:
-            first = prelude(config, subscription, last_event_id)
-            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS_RAW})
-            outcome = await run_stream(
-                subscription,
-                write,
-                config=config,
-                registry=registry,
-                first=first,
-                listen=listen,
-                flush_window=self.flush_window,
-            )
-        finally:
-            await subscription.aclose()
-        if outcome == "timeout":
-            # The client's socket is full: an end-of-body could not be written
-            # either. A server's own close() would wait for the client to read
-            # what is buffered, keeping the socket and its buffer for as long as
-            # the client stays: abort the connection.
-            if abort_connection(transport):
-                # Let the server see the connection lost before this returns,
-                # or it reports a response left unfinished.
-                await anyio.lowlevel.checkpoint()
-            return
-        with anyio.move_on_after(config.send_timeout, shield=True) as ending:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        if ending.cancelled_caught and abort_connection(transport):
-            await anyio.lowlevel.checkpoint()
+        @app.get("/events/{room}", response_class=EventSourceResponse)
+        async def events(room: str, user: User = Depends(current_user)) -> EventSourceResponse:
+            return EventSourceResponse(broadcaster.subscribe(room))
+
+    `source` and the options are those of `sse_broadcaster.asgi.EventSourceResponse`,
+    which this wraps: a `Subscription` or an async iterable of `Event`
+    objects, dicts or strings; per-response ping, send timeout, retry,
+    headers and status. ``response_class=EventSourceResponse`` documents the
+    route as ``text/event-stream`` in FastAPI's OpenAPI schema. `background`
+    runs after the stream ends, as for any Starlette response.
+
+    Raises:
+        TypeError, ValueError: as `sse_broadcaster.asgi.EventSourceResponse`.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        source: EventSource,
+        *,
+        status_code: int = 200,
+        headers: Mapping[str, str] | None = None,
+        ping: float | None = None,
+        ping_comment: str = "ping",
+        send_timeout: float | None = None,
+        retry: int | None = None,
+        flush_window: float = FLUSH_WINDOW,
+        background: BackgroundTask | None = None,
+    ) -> None:
+        self._stream = ASGIEventSourceResponse(
+            source,
+            status_code=status_code,
+            headers=headers,
+            ping=ping,
+            ping_comment=ping_comment,
+            send_timeout=send_timeout,
+            retry=retry,
+            flush_window=flush_window,
+        )
+        self.status_code = status_code
+        self.raw_headers = self._stream.raw_headers
+        self.background = background
+        self.body = b""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # FastAPI and middlewares may have changed the status or the headers since.
+        stream = self._stream
+        stream.status_code = self.status_code
+        stream.raw_headers = self.raw_headers
+        await stream(scope, receive, send)
+        if self.background is not None:
+            await self.background()
 
 
 def sse_endpoint(
@@ -312,22 +315,6 @@ async def _plain(
                 (b"content-type", b"text/plain; charset=utf-8"),
                 (b"content-length", b"%d" % len(body)),
                 *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _come_back_later(send: Send, broadcaster: EventBroadcaster, reason: str) -> None:
-    body, retry_after = come_back_later(broadcaster.config, reason)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [
-                *_SSE_HEADERS_RAW,
-                (b"retry-after", b"%d" % retry_after),
-                (b"content-length", b"%d" % len(body)),
             ],
         }
     )
