@@ -190,6 +190,7 @@ class StreamCore:
         disconnected: Callable[[], bool] | None = None,
     ) -> Outcome:
         """Stream until one side ends (see `run_stream`); the source is closed after."""
+
         async def stream(source: StreamSource, flush_window: float) -> Outcome:
             return await run_stream(
                 source,

@@ -74,7 +74,7 @@ def to_event(item: object) -> Event:
         value = comment if key == "comment" else fields.get(key)
         if value is not None and not isinstance(value, str):
             raise TypeError(f"an event's {key} must be a str, got {type(value).__name__}")
-    event = None
+    wire = encode_comment(comment) if comment is not None else b""
     if fields:
         event = Event(
             id=fields.get("id", ""),
@@ -83,10 +83,16 @@ def to_event(item: object) -> Event:
             event=fields.get("event"),
             retry=fields.get("retry"),
         )
+        if "data" not in fields and "event" not in fields:
+            # Only id / retry: no data line, so that clients dispatch no empty message.
+            head = f"id: {event.id}\n" if event.id else ""
+            if event.retry is not None:
+                head += f"retry: {event.retry}\n"
+            return _wire_only(wire + head.encode() + b"\n")
         if comment is None:
             return event
-    wire = encode_comment(comment) if comment is not None else b""
-    return _wire_only(wire + event.encode() if event is not None else wire)
+        wire += event.encode()
+    return _wire_only(wire)
 
 
 class IterableSource:
