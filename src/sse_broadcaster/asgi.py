@@ -24,17 +24,22 @@ docs/frameworks.md for Litestar, Quart and Django.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
 
 from ._connection import abort_connection, server_transport
 from ._response import ComeBackLater, EventSource, StreamCore, come_back_later_headers
-from ._streams import FLUSH_WINDOW
+from ._shutdown import install_shutdown_hook
+from ._streams import FLUSH_WINDOW, registry_for
 
-__all__ = ["EventSource", "EventSourceResponse"]
+if TYPE_CHECKING:
+    from ._broadcaster import EventBroadcaster
+
+__all__ = ["EventSource", "EventSourceResponse", "close_streams", "lifespan", "open_streams"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -165,3 +170,52 @@ class EventSourceResponse:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         if ending.cancelled_caught and abort_connection(transport):
             await anyio.lowlevel.checkpoint()
+
+
+def open_streams(broadcaster: EventBroadcaster) -> int:
+    """How many of the broadcaster's streams are open in this process, on either adapter.
+
+    The ``sse_broadcaster_open_streams`` gauge of the metrics endpoints. Subscribers
+    in other processes (a shared backend) are counted by
+    `EventBroadcaster.stats` instead.
+    """
+    return len(registry_for(broadcaster))
+
+
+def close_streams(broadcaster: EventBroadcaster) -> None:
+    """End every open stream of the broadcaster in this process, as a shutdown does.
+
+    Each client is sent the end of its stream; streams that open afterwards
+    are answered "come back later" (200, ``retry:``) until the broadcaster is
+    run again by `lifespan`. `lifespan` calls it on shutdown; call it yourself
+    from the event loop when you stop the server some other way.
+    """
+    registry_for(broadcaster).close_all()
+
+
+def lifespan(
+    broadcaster: EventBroadcaster,
+) -> Callable[[object], AbstractAsyncContextManager[None]]:
+    """A ``lifespan`` that runs the broadcaster with the app (Starlette, FastAPI, Litestar).
+
+    On startup it enters the broadcaster and chains the server's SIGINT and
+    SIGTERM handlers so that a shutdown ends the open streams at once (uvicorn
+    waits for every response to finish before it runs the lifespan shutdown).
+    On shutdown it ends the remaining streams and closes the broadcaster.
+
+    Raises:
+        RuntimeError: the broadcaster was already entered or closed.
+    """
+
+    @asynccontextmanager
+    async def _lifespan(app: object) -> AsyncIterator[None]:
+        registry = registry_for(broadcaster)
+        registry.closing = False
+        install_shutdown_hook(registry)
+        async with broadcaster:
+            try:
+                yield
+            finally:
+                registry.close_all()
+
+    return _lifespan

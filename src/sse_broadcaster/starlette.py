@@ -28,8 +28,7 @@ Needs the ``starlette`` extra: ``pip install 'sse-broadcaster[starlette]'``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
@@ -41,10 +40,9 @@ from ._adapter import (
     parse_last_event_id,
 )
 from ._response import EventSource
-from ._shutdown import install_shutdown_hook
 from ._streams import FLUSH_WINDOW, check_flush_window, registry_for
 from .asgi import EventSourceResponse as ASGIEventSourceResponse
-from .asgi import Receive, Scope, Send
+from .asgi import Receive, Scope, Send, close_streams, lifespan, open_streams
 
 try:
     from starlette.background import BackgroundTask
@@ -252,55 +250,6 @@ def metrics_endpoint(broadcaster: EventBroadcaster) -> Callable[[Request], Await
         return Response(text, media_type=METRICS_CONTENT_TYPE)
 
     return metrics
-
-
-def open_streams(broadcaster: EventBroadcaster) -> int:
-    """How many of the broadcaster's streams are open in this process, on either adapter.
-
-    The ``sse_broadcaster_open_streams`` gauge of `metrics_endpoint`. Subscribers
-    in other processes (a shared backend) are counted by
-    `EventBroadcaster.stats` instead.
-    """
-    return len(registry_for(broadcaster))
-
-
-def close_streams(broadcaster: EventBroadcaster) -> None:
-    """End every open stream of the broadcaster in this process, as a shutdown does.
-
-    Each client is sent the end of its stream; streams that open afterwards
-    are answered "come back later" (200, ``retry:``) until the broadcaster is
-    run again by `lifespan`. `lifespan` calls it on shutdown; call it yourself
-    from the event loop when you stop the server some other way.
-    """
-    registry_for(broadcaster).close_all()
-
-
-def lifespan(
-    broadcaster: EventBroadcaster,
-) -> Callable[[object], AbstractAsyncContextManager[None]]:
-    """A Starlette / FastAPI ``lifespan`` that runs the broadcaster with the app.
-
-    On startup it enters the broadcaster and chains the server's SIGINT and
-    SIGTERM handlers so that a shutdown ends the open streams at once (uvicorn
-    waits for every response to finish before it runs the lifespan shutdown).
-    On shutdown it ends the remaining streams and closes the broadcaster.
-
-    Raises:
-        RuntimeError: the broadcaster was already entered or closed.
-    """
-
-    @asynccontextmanager
-    async def _lifespan(app: object) -> AsyncIterator[None]:
-        registry = registry_for(broadcaster)
-        registry.closing = False
-        install_shutdown_hook(registry)
-        async with broadcaster:
-            try:
-                yield
-            finally:
-                registry.close_all()
-
-    return _lifespan
 
 
 async def _plain(
