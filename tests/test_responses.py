@@ -467,7 +467,7 @@ async def test_asgi_core_runs_on_both_loops_and_ends_on_disconnect(anyio_backend
             {"ping_comment": "a\nb"}, ValueError, "comment must not contain", id="ping-LF"
         ),
         pytest.param({"headers": {"X": "a\r\nSet-Cookie: x"}}, ValueError, "header 'X'", id="CRLF"),
-        pytest.param({"status_code": 101}, ValueError, "status_code must be in", id="status"),
+        pytest.param({"status_code": 101}, ValueError, "status must be in 200..599", id="status"),
         pytest.param({"flush_window": -1}, ValueError, "flush_window", id="flush"),
     ],
 )

@@ -12,7 +12,7 @@ here imports a web framework.
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -36,18 +36,18 @@ from ._streams import (
     registry_of_owner,
     run_stream,
 )
-from ._subscription import Subscription
+from ._subscription import _NEW, Subscription
 from ._validation import check_int, check_positive
 
 if TYPE_CHECKING:
     from ._config import BroadcasterConfig
 
-__all__ = ["ComeBackLater", "EventSource", "StreamCore"]
+__all__ = ["ComeBackLater", "EventSource", "StreamCore", "check_status", "come_back_later_headers"]
 
 #: What an ``EventSourceResponse`` streams: a subscription, or an async
 #: iterable of `Event` objects, dicts (``data``, ``event``, ``id``, ``retry``,
 #: ``comment``) or strings (the data of an unnamed event).
-EventSource = Union[Subscription, AsyncIterable[EventItem]]  # noqa: UP007 - a runtime alias
+EventSource = Subscription | AsyncIterable[EventItem]
 
 #: Keep-alive and send timeout of a stream that follows no broadcaster.
 DEFAULT_PING = 15.0
@@ -61,6 +61,15 @@ class ComeBackLater(Exception):
         super().__init__(body, retry_after)
         self.body = body
         self.retry_after = retry_after
+
+
+def check_status(status: int) -> int:
+    """`status` if a stream may answer with it (200..599), else a TypeError / ValueError."""
+    if isinstance(status, bool) or not isinstance(status, int):
+        raise TypeError(f"status must be an int, got {status!r}")
+    if not 200 <= status <= 599:
+        raise ValueError(f"status must be in 200..599, got {status!r}")
+    return status
 
 
 def _check_headers(headers: Mapping[str, str] | None) -> list[tuple[str, str]]:
@@ -163,7 +172,7 @@ class StreamCore:
         if subscription is None:
             return retry_field(self._retry)
         config = subscription._owner.config
-        if subscription._state == 0:  # not entered yet (_subscription._NEW)
+        if subscription._state == _NEW:  # entered here; else the caller did
             try:
                 if registry.closing:
                     reason = "the server is shutting down"

@@ -35,7 +35,13 @@ from ._adapter import (
     parse_last_event_id,
 )
 from ._connection import abort_connection
-from ._response import ComeBackLater, EventSource, StreamCore, come_back_later_headers
+from ._response import (
+    ComeBackLater,
+    EventSource,
+    StreamCore,
+    check_status,
+    come_back_later_headers,
+)
 from ._streams import FLUSH_WINDOW, check_flush_window, registry_for
 
 try:
@@ -153,6 +159,7 @@ class EventSourceResponse(web.StreamResponse):
         retry: int | None = None,
         flush_window: float = FLUSH_WINDOW,
     ) -> None:
+        check_status(status)
         self._core = StreamCore(
             source,
             headers=headers,

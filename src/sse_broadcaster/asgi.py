@@ -32,7 +32,13 @@ import anyio
 import anyio.lowlevel
 
 from ._connection import abort_connection, server_transport
-from ._response import ComeBackLater, EventSource, StreamCore, come_back_later_headers
+from ._response import (
+    ComeBackLater,
+    EventSource,
+    StreamCore,
+    check_status,
+    come_back_later_headers,
+)
 from ._shutdown import install_shutdown_hook
 from ._streams import FLUSH_WINDOW, registry_for
 
@@ -100,10 +106,7 @@ class EventSourceResponse:
         retry: int | None = None,
         flush_window: float = FLUSH_WINDOW,
     ) -> None:
-        if isinstance(status_code, bool) or not isinstance(status_code, int):
-            raise TypeError(f"status_code must be an int, got {status_code!r}")
-        if not 200 <= status_code <= 599:
-            raise ValueError(f"status_code must be in 200..599, got {status_code!r}")
+        check_status(status_code)
         self._core = StreamCore(
             source,
             headers=headers,
