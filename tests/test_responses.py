@@ -143,6 +143,15 @@ async def test_streams_a_subscription_with_its_replay_and_gap(framework: str) ->
             prelude = await raw.read_chunk()
             assert b"event: gap\n" in prelude
             assert b'"lastEventId":"nope"' in prelude
+            assert b'"invalid"' not in prelude
+
+        def hostile() -> Any:  # a header read by the app itself, passed on as is
+            return broadcaster.subscribe("room", last_event_id="x" * 5000 + "\x01")
+
+        async with serve(framework, hostile) as url, open_raw(url, "/stream") as raw:
+            prelude = await raw.read_chunk()
+            assert b'"invalid":true' in prelude
+            assert len(prelude) < 1000  # echoed capped
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)

@@ -21,6 +21,7 @@ from ._adapter import (
     SSE_HEADERS,
     LastEventId,
     come_back_later,
+    parse_last_event_id,
     prelude,
     retry_field,
 )
@@ -184,9 +185,9 @@ class StreamCore:
             if reason:
                 subscription.close()
                 raise ComeBackLater(*come_back_later(config, reason))
-        last_event_id = self.last_event_id or LastEventId(
-            subscription.last_event_id, subscription.last_event_id, False
-        )
+        # Made by the caller from a header it read itself: the gap event echoes
+        # it capped, and flags one that cannot be an id.
+        last_event_id = self.last_event_id or parse_last_event_id(subscription.last_event_id, None)
         retry = self._retry if self._retry is not None else config.retry_ms
         return prelude(retry, subscription, last_event_id)
 
