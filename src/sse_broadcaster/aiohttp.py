@@ -179,6 +179,9 @@ class EventSourceResponse(web.StreamResponse):
             return await super().prepare(request)
         self._streamed = True
         core = self._core
+        if request.method == "HEAD":  # the head only: no stream to follow it
+            await core.close()
+            return await super().prepare(request)
         try:
             first = await core.open()
         except ComeBackLater as later:

@@ -129,6 +129,17 @@ class EventSourceResponse:
                 f"{type(self).__name__} serves HTTP only, got a {scope['type']!r} scope"
             )
         core = self._core
+        if scope.get("method") == "HEAD":  # the head only: no stream to follow it
+            await core.close()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            await send({"type": "http.response.body", "body": b""})
+            return
         try:
             first = await core.open()
         except ComeBackLater as later:
