@@ -37,6 +37,7 @@ __all__ = [
     "check_flush_window",
     "default_registry",
     "registry_for",
+    "registry_of_owner",
     "run_stream",
 ]
 

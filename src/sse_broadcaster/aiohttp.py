@@ -15,6 +15,9 @@
     setup(app, broadcaster)  # starts and closes it with the app (cleanup_ctx)
     web.run_app(app)
 
+Or return an `EventSourceResponse` from any handler: it streams a
+`Subscription` or a request's own async generator.
+
 Needs the ``aiohttp`` extra: ``pip install 'sse-broadcaster[aiohttp]'``.
 """
 

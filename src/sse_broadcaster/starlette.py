@@ -18,10 +18,17 @@
         lifespan=lifespan(broadcaster),
     )
 
-With FastAPI, add the stream with ``app.add_route("/events/{session_id}",
-sse_endpoint(broadcaster))``. The stream endpoint is a plain ASGI app: it writes
-each drained batch of pre-encoded events with one ASGI ``send``. It runs on
-asyncio and on trio.
+Or return an `EventSourceResponse` from any endpoint or FastAPI path
+operation (dependencies, typed parameters and the OpenAPI entry included)::
+
+    @app.get("/rooms/{room}/events", response_class=EventSourceResponse)
+    async def events(room: str, user: User = Depends(current_user)) -> EventSourceResponse:
+        return EventSourceResponse(broadcaster.subscribe(room))
+
+It streams a `Subscription` or a request's own async generator; it wraps
+`sse_broadcaster.asgi.EventSourceResponse`, which `sse_endpoint` uses too.
+Each drained batch of pre-encoded events goes out with one ASGI ``send``. It
+runs on asyncio and on trio.
 
 Needs the ``starlette`` extra: ``pip install 'sse-broadcaster[starlette]'``.
 """
