@@ -584,3 +584,29 @@ async def test_per_response_options_override_the_broadcasters_for_a_subscription
                 await wait_for(lambda: established(url) == 0, what="the connection aborted")
             finally:
                 sock.close()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_asgi_core_streams_a_subscription_on_both_loops(anyio_backend: str) -> None:
+    sent: list[MutableMapping[str, Any]] = []
+    gone = anyio.Event()
+
+    async def receive() -> MutableMapping[str, Any]:
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "headers": []}
+    async with EventBroadcaster(BroadcasterConfig(retry_ms=20)) as broadcaster:
+        response = ASGIEventSourceResponse(broadcaster.subscribe("room"), ping=30)
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as task_group:
+                task_group.start_soon(response, scope, receive, send)
+                await wait_for(lambda: broadcaster.subscriber_count("room") == 1)
+                event = await broadcaster.publish("room", "hi")
+                await wait_for(lambda: any(m.get("body") == event.encode() for m in sent))
+                gone.set()
+        assert broadcaster.subscriber_count("room") == 0
+    assert [m.get("body") for m in sent[1:]] == [b"retry: 20\n\n", event.encode(), b""]
