@@ -314,9 +314,10 @@ async def test_a_slow_client_holds_the_generator_back(framework: str) -> None:
                 f"{in_sockets} bytes in the two sockets' buffers; {held:.2f} items beyond them"
             )
             # Beyond what the sockets hold: the server's write buffer (the item
-            # being written and the tail of the one before, under two items)
-            # and the one item pulled ahead.
-            assert held < 3.5, (stalled_at, in_sockets)
+            # being written and the tail of the one before: 2.92 items in all
+            # measured on uvicorn, 1.92 on aiohttp) and the one item pulled
+            # ahead; a generator run ahead would be hundreds of items beyond.
+            assert held < 4, (stalled_at, in_sockets)
         finally:
             sock.close()
         await wait_for(lambda: probe.closed, limit=10, what="the generator closed")
