@@ -1,10 +1,9 @@
 """What the Starlette and aiohttp adapters share: request parsing, wire pieces, metrics.
 
 Nothing here imports a web framework. An adapter turns its request into a
-session id, a Last-Event-ID and an ``authorize`` answer, enters a
-`Subscription`, then hands `sse_broadcaster._streams.run_stream` a coroutine
-that writes bytes to the client; `sse_broadcaster._shutdown` ends the open
-streams on SIGINT / SIGTERM.
+session id, a Last-Event-ID and an ``authorize`` answer, makes a
+`Subscription`, then hands it to its framework's ``EventSourceResponse``
+(`sse_broadcaster.asgi.EventSourceResponse` underneath, for ASGI).
 """
 
 from __future__ import annotations
@@ -44,6 +43,7 @@ __all__ = [
     "missing_extra",
     "parse_last_event_id",
     "prelude",
+    "retry_field",
 ]
 
 #: Response headers of every stream. ``X-Accel-Buffering: no`` tells nginx not
@@ -165,18 +165,21 @@ def gap_event(session_id: str, last_event_id: LastEventId, replayed: int) -> byt
 
 
 def prelude(
-    config: BroadcasterConfig,
+    retry_ms: int | None,
     subscription: Subscription,
     last_event_id: LastEventId,
 ) -> bytes:
     """What a stream starts with: ``retry:``, the ``gap`` event, then the replay."""
-    parts: list[bytes] = []
-    if config.retry_ms is not None:
-        parts.append(b"retry: %d\n\n" % config.retry_ms)
+    parts: list[bytes] = [retry_field(retry_ms)]
     if subscription.gap or last_event_id.rejected:
         parts.append(gap_event(subscription.session_id, last_event_id, subscription.replayed))
     parts.extend(event.encode() for event in subscription.drain_nowait())
     return b"".join(parts)
+
+
+def retry_field(retry_ms: int | None) -> bytes:
+    """The ``retry:`` line a stream opens with (nothing for None)."""
+    return b"" if retry_ms is None else b"retry: %d\n\n" % retry_ms
 
 
 def come_back_later(config: BroadcasterConfig, reason: str) -> tuple[bytes, int]:

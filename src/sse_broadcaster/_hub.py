@@ -44,6 +44,7 @@ class Hub:
     """
 
     __slots__ = (
+        "__weakref__",  # keys the registry of its open streams (_streams.registry_of_owner)
         "_abandoned",
         "_backend",
         "_entering",

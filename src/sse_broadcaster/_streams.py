@@ -1,10 +1,12 @@
 """The open streams of a broadcaster: the registry, its watchdog and the stream pump.
 
-An adapter enters a `Subscription` and hands `run_stream` a coroutine that
-writes bytes to its client. `run_stream` owns the timing: keep-alive comments,
-the send timeout, batching (the flush window), and ending on the server's
-shutdown. One `StreamRegistry` per broadcaster holds its open streams and one
-watchdog timer for all of them. Nothing here imports a web framework.
+A response enters a `Subscription` (or wraps a generator, see `_sources`) and
+hands `run_stream` that source and a coroutine that writes bytes to its
+client. `run_stream` owns the timing: keep-alive comments, the send timeout,
+batching (the flush window), and ending on the server's shutdown. One
+`StreamRegistry` per broadcaster (and one for the streams of no broadcaster)
+holds its open streams and one watchdog timer for all of them. Nothing here
+imports a web framework.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import math
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import anyio
 
@@ -24,16 +26,18 @@ from ._lowlevel import current_loop_token, start_ticker
 
 if TYPE_CHECKING:
     from ._broadcaster import EventBroadcaster
-    from ._config import BroadcasterConfig
-    from ._subscription import Subscription
 
 __all__ = [
     "FLUSH_WINDOW",
+    "PING",
     "Outcome",
     "StreamRegistry",
+    "StreamSource",
     "StreamWriter",
     "check_flush_window",
+    "default_registry",
     "registry_for",
+    "registry_of_owner",
     "run_stream",
 ]
 
@@ -52,9 +56,42 @@ FLUSH_WINDOW = 0.001
 #: How a stream ended, as `run_stream` reports it.
 Outcome = Literal["ended", "disconnected", "timeout", "shutdown"]
 
-_PING = encode_comment("ping")
+#: The keep-alive comment sent after ``keepalive_interval`` of silence.
+PING = encode_comment("ping")
 # Writes closer together than this many flush windows count as a burst.
 _BURST_WINDOWS = 5
+
+
+class StreamSource(Protocol):
+    """What `run_stream` reads events from.
+
+    A `Subscription` is one; `_sources.IterableSource` wraps a request's own
+    async iterable; a subscription to several sessions fits as well.
+    """
+
+    @property
+    def session_id(self) -> str:
+        """The key of the flush window's per-session gate, and the name in logs."""
+        ...
+
+    async def receive_batch(self) -> list[Event]:
+        """Every queued event, waiting for one; ``[]`` once after `_interrupt`.
+
+        Raises anyio.EndOfStream (or a `BroadcasterError`) when no more will come.
+        """
+        ...
+
+    def drain_nowait(self) -> list[Event]:
+        """Every queued event, possibly none; never raises."""
+        ...
+
+    def _interrupt(self) -> None:
+        """Make the waiting `receive_batch` (or the next one) return ``[]`` once."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop: no more events; what it holds is released."""
+        ...
 
 
 def check_flush_window(flush_window: float) -> float:
@@ -105,7 +142,7 @@ class _Stream:
     def __init__(
         self,
         writer: StreamWriter,
-        subscription: Subscription,
+        subscription: StreamSource,
         stop: Callable[[Outcome], None],
         disconnected: Callable[[], bool] | None,
         keepalive: float,
@@ -207,17 +244,28 @@ class StreamRegistry:
             del self._gates[session_id]
 
 
-_REGISTRIES: weakref.WeakKeyDictionary[EventBroadcaster, StreamRegistry] = (
-    weakref.WeakKeyDictionary()
-)
+# Keyed by the broadcaster's hub, which is all a `Subscription` knows of it.
+_REGISTRIES: weakref.WeakKeyDictionary[object, StreamRegistry] = weakref.WeakKeyDictionary()
+
+_DEFAULT_REGISTRY = StreamRegistry()
 
 
 def registry_for(broadcaster: EventBroadcaster) -> StreamRegistry:
     """The registry of the broadcaster's open streams (made on first use)."""
-    registry = _REGISTRIES.get(broadcaster)
+    return registry_of_owner(broadcaster._hub)
+
+
+def registry_of_owner(owner: object) -> StreamRegistry:
+    """The registry of the streams of a subscription's owner (its broadcaster's hub)."""
+    registry = _REGISTRIES.get(owner)
     if registry is None:
-        registry = _REGISTRIES[broadcaster] = StreamRegistry()
+        registry = _REGISTRIES[owner] = StreamRegistry()
     return registry
+
+
+def default_registry() -> StreamRegistry:
+    """The registry of streams that follow no broadcaster (a request's own generator)."""
+    return _DEFAULT_REGISTRY
 
 
 class StreamWriter:
@@ -247,22 +295,24 @@ class StreamWriter:
 
 
 async def run_stream(
-    subscription: Subscription,
+    subscription: StreamSource,
     send: Callable[[bytes], Awaitable[None]],
     *,
-    config: BroadcasterConfig,
+    keepalive: float,
+    send_timeout: float,
     registry: StreamRegistry,
+    ping: bytes = PING,
     first: bytes = b"",
     disconnected: Callable[[], bool] | None = None,
     listen: Callable[[], Awaitable[None]] | None = None,
     flush_window: float = FLUSH_WINDOW,
 ) -> Outcome:
-    """Write the subscription's events to a client until one side ends.
+    """Write the source's events to a client until one side ends.
 
     Each wake-up drains everything queued and sends it in one write. The
     registry's watchdog (one timer for all its streams, see `StreamRegistry`)
-    has ``: ping`` sent after every ``keepalive_interval`` of silence and ends
-    the stream when a write cannot finish within ``send_timeout``. No lock, no
+    has `ping` sent after every `keepalive` seconds of silence and ends the
+    stream when a write cannot finish within `send_timeout` seconds. No lock, no
     cancel scope and no task per write: the hot path only stamps two times.
 
     `disconnected` is polled by the watchdog; `listen` returns when the
@@ -276,8 +326,6 @@ async def run_stream(
     """
     writer = StreamWriter(send)
     outcome: Outcome = "ended"
-    keepalive = config.keepalive_interval
-    send_timeout = config.send_timeout
     scope = anyio.CancelScope()
 
     def stop(reason: Outcome) -> None:
@@ -310,7 +358,7 @@ async def run_stream(
                     return
                 if not batch:  # woken by the watchdog
                     if time.monotonic() - writer.last_write >= keepalive:
-                        await writer.write(_PING)
+                        await writer.write(ping)
                     continue
                 if gate is None:
                     await writer.write(_join(batch))

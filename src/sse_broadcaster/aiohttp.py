@@ -15,6 +15,9 @@
     setup(app, broadcaster)  # starts and closes it with the app (cleanup_ctx)
     web.run_app(app)
 
+Or return an `EventSourceResponse` from any handler: it streams a
+`Subscription` or a request's own async generator.
+
 Needs the ``aiohttp`` extra: ``pip install 'sse-broadcaster[aiohttp]'``.
 """
 
@@ -22,27 +25,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 import anyio
 
 from ._adapter import (
-    COME_BACK_LATER,
     METRICS_CONTENT_TYPE,
-    SSE_HEADERS,
     Authorize,
-    come_back_later,
     is_authorized,
     missing_extra,
     parse_last_event_id,
-    prelude,
 )
 from ._connection import abort_connection
-from ._streams import FLUSH_WINDOW, check_flush_window, registry_for, run_stream
+from ._response import (
+    ComeBackLater,
+    EventSource,
+    StreamCore,
+    check_status,
+    come_back_later_headers,
+)
+from ._streams import FLUSH_WINDOW, check_flush_window, registry_for
 
 try:
     from aiohttp import web
+    from aiohttp.abc import AbstractStreamWriter
 except ImportError as exc:  # pragma: no cover - tested by hiding aiohttp
     raise missing_extra("aiohttp", exc) from exc
 
@@ -50,6 +57,7 @@ if TYPE_CHECKING:
     from ._broadcaster import EventBroadcaster
 
 __all__ = [
+    "EventSourceResponse",
     "close_streams",
     "metrics_handler",
     "open_streams",
@@ -95,8 +103,6 @@ def sse_handler(
         ValueError: `flush_window` is negative, infinite or NaN.
     """
     check_flush_window(flush_window)
-    config = broadcaster.config
-    headers = dict(SSE_HEADERS)
 
     async def handler(request: web.Request) -> web.StreamResponse:
         session_id = request.match_info.get(match_info_key, "")
@@ -113,47 +119,107 @@ def sse_handler(
             return web.Response(status=400, text=f"invalid session id: {exc}")
         if not await is_authorized(authorize, request, session_id):
             return web.Response(status=403, text="forbidden")
-        registry = registry_for(broadcaster)
+        response = EventSourceResponse(subscription, flush_window=flush_window)
+        response._core.last_event_id = last_event_id
+        return response
+
+    return handler
+
+
+class EventSourceResponse(web.StreamResponse):
+    """An aiohttp response streaming Server-Sent Events; return it from a handler.
+
+    ::
+
+        async def events(request: web.Request) -> web.StreamResponse:
+            return EventSourceResponse(broadcaster.subscribe(request.match_info["room"]))
+
+    aiohttp prepares a returned response and then ends it: the stream runs in
+    `prepare`, until the source ends, the client leaves, its socket stops
+    taking writes for `send_timeout`, or the app shuts down. `source` and the
+    options are those of `sse_broadcaster.asgi.EventSourceResponse`: a
+    `Subscription` or an async iterable of `Event` objects, dicts or strings;
+    per-response ping, send timeout, retry, headers and `status`.
+
+    aiohttp does not tell a handler that its client went away, so a
+    disconnect is noticed by the watchdog (it checks the transport four times
+    per ping interval) or by the next write.
+
+    Raises:
+        TypeError, ValueError: as `sse_broadcaster.asgi.EventSourceResponse`.
+    """
+
+    def __init__(
+        self,
+        source: EventSource,
+        *,
+        status: int = 200,
+        reason: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        ping: float | None = None,
+        ping_comment: str = "ping",
+        send_timeout: float | None = None,
+        retry: int | None = None,
+        flush_window: float = FLUSH_WINDOW,
+    ) -> None:
+        check_status(status)
+        self._core = StreamCore(
+            source,
+            headers=headers,
+            ping=ping,
+            ping_comment=ping_comment,
+            send_timeout=send_timeout,
+            retry=retry,
+            flush_window=flush_window,
+        )
+        super().__init__(status=status, reason=reason, headers=dict(self._core.headers))
+        self._streamed = False
+        self._dropped = False
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        """Send the head, then the whole stream; aiohttp calls it for a returned response."""
+        if self._streamed:
+            return await super().prepare(request)
+        self._streamed = True
+        core = self._core
+        if request.method == "HEAD":  # the head only: no stream to follow it
+            await core.close()
+            return await super().prepare(request)
         try:
-            if registry.closing:
-                return _come_back_later(broadcaster, "the server is shutting down")
-            await subscription.__aenter__()
-        except COME_BACK_LATER as exc:
-            return _come_back_later(broadcaster, str(exc))
+            first = await core.open()
+        except ComeBackLater as later:
+            self.set_status(200)
+            self.headers.clear()
+            self.headers.update(come_back_later_headers(later.retry_after, len(later.body)))
+            writer = await super().prepare(request)
+            await self.write(later.body)
+            return writer
 
         def disconnected() -> bool:
             transport = request.transport
             return transport is None or transport.is_closing()
 
-        response = web.StreamResponse(status=200, headers=headers)
         try:
-            first = prelude(config, subscription, last_event_id)
-            try:
-                await response.prepare(request)
-            except OSError:
-                return response
-            outcome = await run_stream(
-                subscription,
-                response.write,
-                config=config,
-                registry=registry,
-                first=first,
-                disconnected=disconnected,
-                flush_window=flush_window,
-            )
-        finally:
-            await subscription.aclose()
+            writer = await super().prepare(request)
+        except BaseException:
+            await core.close()
+            raise
+        outcome = await core.run(self.write, first=first, disconnected=disconnected)
         if outcome == "timeout" or outcome == "disconnected":
             # The socket is full or gone: drop the connection rather than wait on it.
             abort_connection(request.transport)
-            response.force_close()
-            return response
-        with anyio.move_on_after(config.send_timeout, shield=True):
+            self.force_close()
+            self._dropped = True
+            return writer
+        with anyio.move_on_after(core.send_timeout, shield=True):
             with contextlib.suppress(OSError):
-                await response.write_eof()
-        return response
+                await self.write_eof()
+        return writer
 
-    return handler
+    async def write_eof(self, data: bytes = b"") -> None:
+        if self._dropped:  # the connection was aborted: nothing can be written
+            return
+        await super().write_eof(data)
 
 
 def stats_handler(broadcaster: EventBroadcaster) -> Handler:
@@ -245,10 +311,3 @@ def setup(app: web.Application, broadcaster: EventBroadcaster) -> None:
 
     app.on_shutdown.append(end_streams)
     app.cleanup_ctx.append(run_broadcaster)
-
-
-def _come_back_later(broadcaster: EventBroadcaster, reason: str) -> web.Response:
-    body, retry_after = come_back_later(broadcaster.config, reason)
-    headers = dict(SSE_HEADERS)
-    headers["Retry-After"] = str(retry_after)
-    return web.Response(status=200, body=body, headers=headers)

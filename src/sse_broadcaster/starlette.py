@@ -18,40 +18,41 @@
         lifespan=lifespan(broadcaster),
     )
 
-With FastAPI, add the stream with ``app.add_route("/events/{session_id}",
-sse_endpoint(broadcaster))``. The stream endpoint is a plain ASGI app: it writes
-each drained batch of pre-encoded events with one ASGI ``send``. It runs on
-asyncio and on trio.
+Or return an `EventSourceResponse` from any endpoint or FastAPI path
+operation (dependencies, typed parameters and the OpenAPI entry included)::
+
+    @app.get("/rooms/{room}/events", response_class=EventSourceResponse)
+    async def events(room: str, user: User = Depends(current_user)) -> EventSourceResponse:
+        return EventSourceResponse(broadcaster.subscribe(room))
+
+It streams a `Subscription` or a request's own async generator; it wraps
+`sse_broadcaster.asgi.EventSourceResponse`, which `sse_endpoint` uses too.
+Each drained batch of pre-encoded events goes out with one ASGI ``send``. It
+runs on asyncio and on trio.
 
 Needs the ``starlette`` extra: ``pip install 'sse-broadcaster[starlette]'``.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
-import anyio
-import anyio.lowlevel
-
 from ._adapter import (
-    COME_BACK_LATER,
     METRICS_CONTENT_TYPE,
-    SSE_HEADERS,
     Authorize,
-    come_back_later,
     is_authorized,
     missing_extra,
     parse_last_event_id,
-    prelude,
 )
-from ._connection import abort_connection, server_transport
-from ._shutdown import install_shutdown_hook
-from ._streams import FLUSH_WINDOW, check_flush_window, registry_for, run_stream
+from ._response import EventSource
+from ._streams import FLUSH_WINDOW, check_flush_window, registry_for
+from .asgi import EventSourceResponse as ASGIEventSourceResponse
+from .asgi import Receive, Scope, Send, close_streams, lifespan, open_streams
 
 try:
+    from starlette.background import BackgroundTask
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
 except ImportError as exc:  # pragma: no cover - tested by hiding starlette
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
     from ._broadcaster import EventBroadcaster
 
 __all__ = [
+    "EventSourceResponse",
     "SSEEndpoint",
     "close_streams",
     "lifespan",
@@ -69,13 +71,6 @@ __all__ = [
     "sse_endpoint",
     "stats_endpoint",
 ]
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
-_SSE_HEADERS_RAW = [(name.lower().encode(), value.encode()) for name, value in SSE_HEADERS]
 
 
 class SSEEndpoint:
@@ -109,7 +104,6 @@ class SSEEndpoint:
             await _plain(send, 405, "only GET opens an event stream", [(b"allow", b"GET")])
             return
         broadcaster = self.broadcaster
-        config = broadcaster.config
         session_id = scope.get("path_params", {}).get(self.path_param, "")
         header: bytes | None = None
         for name, value in scope["headers"]:
@@ -133,55 +127,69 @@ class SSEEndpoint:
         ):
             await _plain(send, 403, "forbidden")
             return
-        registry = registry_for(broadcaster)
-        install_shutdown_hook(registry)
-        try:
-            if registry.closing:
-                await _come_back_later(send, broadcaster, "the server is shutting down")
-                return
-            await subscription.__aenter__()
-        except COME_BACK_LATER as exc:
-            await _come_back_later(send, broadcaster, str(exc))
-            return
+        response = ASGIEventSourceResponse(subscription, flush_window=self.flush_window)
+        response._core.last_event_id = last_event_id
+        await response(scope, receive, send)
 
-        # Taken now: a stream dropped for its send timeout must close its socket.
-        transport = server_transport(receive)
 
-        async def write(data: bytes) -> None:
-            await send({"type": "http.response.body", "body": data, "more_body": True})
+class EventSourceResponse(Response):
+    """A Starlette / FastAPI response streaming Server-Sent Events; return it from a handler.
 
-        async def listen() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
+    ::
 
-        try:
-            first = prelude(config, subscription, last_event_id)
-            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS_RAW})
-            outcome = await run_stream(
-                subscription,
-                write,
-                config=config,
-                registry=registry,
-                first=first,
-                listen=listen,
-                flush_window=self.flush_window,
-            )
-        finally:
-            await subscription.aclose()
-        if outcome == "timeout":
-            # The client's socket is full: an end-of-body could not be written
-            # either. A server's own close() would wait for the client to read
-            # what is buffered, keeping the socket and its buffer for as long as
-            # the client stays: abort the connection.
-            if abort_connection(transport):
-                # Let the server see the connection lost before this returns,
-                # or it reports a response left unfinished.
-                await anyio.lowlevel.checkpoint()
-            return
-        with anyio.move_on_after(config.send_timeout, shield=True) as ending:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        if ending.cancelled_caught and abort_connection(transport):
-            await anyio.lowlevel.checkpoint()
+        @app.get("/events/{room}", response_class=EventSourceResponse)
+        async def events(room: str, user: User = Depends(current_user)) -> EventSourceResponse:
+            return EventSourceResponse(broadcaster.subscribe(room))
+
+    `source` and the options are those of `sse_broadcaster.asgi.EventSourceResponse`,
+    which this wraps: a `Subscription` or an async iterable of `Event`
+    objects, dicts or strings; per-response ping, send timeout, retry,
+    headers and status. ``response_class=EventSourceResponse`` documents the
+    route as ``text/event-stream`` in FastAPI's OpenAPI schema. `background`
+    runs after the stream ends, as for any Starlette response.
+
+    Raises:
+        TypeError, ValueError: as `sse_broadcaster.asgi.EventSourceResponse`.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        source: EventSource,
+        *,
+        status_code: int = 200,
+        headers: Mapping[str, str] | None = None,
+        ping: float | None = None,
+        ping_comment: str = "ping",
+        send_timeout: float | None = None,
+        retry: int | None = None,
+        flush_window: float = FLUSH_WINDOW,
+        background: BackgroundTask | None = None,
+    ) -> None:
+        self._stream = ASGIEventSourceResponse(
+            source,
+            status_code=status_code,
+            headers=headers,
+            ping=ping,
+            ping_comment=ping_comment,
+            send_timeout=send_timeout,
+            retry=retry,
+            flush_window=flush_window,
+        )
+        self.status_code = status_code
+        self.raw_headers = self._stream.raw_headers
+        self.background = background
+        self.body = b""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # FastAPI and middlewares may have changed the status or the headers since.
+        stream = self._stream
+        stream.status_code = self.status_code
+        stream.raw_headers = self.raw_headers
+        await stream(scope, receive, send)
+        if self.background is not None:
+            await self.background()
 
 
 def sse_endpoint(
@@ -251,55 +259,6 @@ def metrics_endpoint(broadcaster: EventBroadcaster) -> Callable[[Request], Await
     return metrics
 
 
-def open_streams(broadcaster: EventBroadcaster) -> int:
-    """How many of the broadcaster's streams are open in this process, on either adapter.
-
-    The ``sse_broadcaster_open_streams`` gauge of `metrics_endpoint`. Subscribers
-    in other processes (a shared backend) are counted by
-    `EventBroadcaster.stats` instead.
-    """
-    return len(registry_for(broadcaster))
-
-
-def close_streams(broadcaster: EventBroadcaster) -> None:
-    """End every open stream of the broadcaster in this process, as a shutdown does.
-
-    Each client is sent the end of its stream; streams that open afterwards
-    are answered "come back later" (200, ``retry:``) until the broadcaster is
-    run again by `lifespan`. `lifespan` calls it on shutdown; call it yourself
-    from the event loop when you stop the server some other way.
-    """
-    registry_for(broadcaster).close_all()
-
-
-def lifespan(
-    broadcaster: EventBroadcaster,
-) -> Callable[[object], AbstractAsyncContextManager[None]]:
-    """A Starlette / FastAPI ``lifespan`` that runs the broadcaster with the app.
-
-    On startup it enters the broadcaster and chains the server's SIGINT and
-    SIGTERM handlers so that a shutdown ends the open streams at once (uvicorn
-    waits for every response to finish before it runs the lifespan shutdown).
-    On shutdown it ends the remaining streams and closes the broadcaster.
-
-    Raises:
-        RuntimeError: the broadcaster was already entered or closed.
-    """
-
-    @asynccontextmanager
-    async def _lifespan(app: object) -> AsyncIterator[None]:
-        registry = registry_for(broadcaster)
-        registry.closing = False
-        install_shutdown_hook(registry)
-        async with broadcaster:
-            try:
-                yield
-            finally:
-                registry.close_all()
-
-    return _lifespan
-
-
 async def _plain(
     send: Send, status: int, text: str, headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
@@ -312,22 +271,6 @@ async def _plain(
                 (b"content-type", b"text/plain; charset=utf-8"),
                 (b"content-length", b"%d" % len(body)),
                 *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _come_back_later(send: Send, broadcaster: EventBroadcaster, reason: str) -> None:
-    body, retry_after = come_back_later(broadcaster.config, reason)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [
-                *_SSE_HEADERS_RAW,
-                (b"retry-after", b"%d" % retry_after),
-                (b"content-length", b"%d" % len(body)),
             ],
         }
     )

@@ -1,0 +1,181 @@
+"""A request's own async iterable as a stream source: one item pulled at a time.
+
+`IterableSource.feed` runs in a task of the stream's task group and hands the
+pump one item at a time through a one-slot hand-off: it pulls the next item
+only once the pump has taken the previous one, so a slow client holds the
+generator back (one item beyond the write in progress and the socket's
+buffers). The pump waits on the slot, not on the generator, so the watchdog's
+keep-alive comments go out while the generator is slow. Nothing here imports
+a web framework.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from typing import Any
+
+import anyio
+
+from ._event import Event, encode_comment
+
+__all__ = ["EventItem", "IterableSource", "to_event"]
+
+logger = logging.getLogger("sse_broadcaster")
+
+#: What an event stream's async iterable may yield.
+EventItem = Event | Mapping[str, Any] | str
+
+_KEYS = frozenset({"comment", "data", "event", "id", "retry"})
+# How long the generator's own cleanup (its finally blocks) may take once the stream ended.
+_CLOSE_TIMEOUT = 5.0
+
+
+def _wire_only(wire: bytes) -> Event:
+    """An `Event` that writes `wire` as is (a comment, or a comment and an event)."""
+    event = Event(id="", session_id="", data="")
+    object.__setattr__(event, "_wire", wire)
+    return event
+
+
+def to_event(item: object) -> Event:
+    """The `Event` an item of a user's iterable stands for.
+
+    A str is the data of an unnamed event; a dict takes the keys ``data``,
+    ``event``, ``id``, ``retry`` and ``comment``.
+
+    Raises:
+        TypeError: the item is of another type, or a field is.
+        ValueError: a field cannot be written (CR, LF or NUL in ``id``,
+            ``event`` or ``comment``; a negative ``retry``), or a dict has an
+            unknown key or no key at all.
+    """
+    if isinstance(item, Event):
+        return item
+    if isinstance(item, str):
+        return Event(id="", session_id="", data=item)
+    if not isinstance(item, Mapping):
+        raise TypeError(
+            f"an event stream takes Event, dict or str items, got {type(item).__name__}: "
+            f"{item!r:.80}"
+        )
+    unknown = set(item) - _KEYS
+    if unknown:
+        raise ValueError(
+            f"an event dict takes the keys comment, data, event, id and retry, got "
+            f"{', '.join(sorted(map(repr, unknown)))}"
+        )
+    comment = item.get("comment")
+    fields = {key: item[key] for key in ("data", "event", "id", "retry") if key in item}
+    fields = {key: value for key, value in fields.items() if value is not None}
+    if comment is None and not fields:
+        raise ValueError(f"an event dict needs data, event, id, retry or comment, got {item!r:.80}")
+    for key in ("data", "id", "comment"):
+        value = comment if key == "comment" else fields.get(key)
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"an event's {key} must be a str, got {type(value).__name__}")
+    wire = encode_comment(comment) if comment is not None else b""
+    if fields:
+        event = Event(
+            id=fields.get("id", ""),
+            session_id="",
+            data=fields.get("data", ""),
+            event=fields.get("event"),
+            retry=fields.get("retry"),
+        )
+        if "data" not in fields and "event" not in fields:
+            # Only id / retry: no data line, so that clients dispatch no empty message.
+            head = f"id: {event.id}\n" if event.id else ""
+            if event.retry is not None:
+                head += f"retry: {event.retry}\n"
+            return _wire_only(wire + head.encode() + b"\n")
+        if comment is None:
+            return event
+        wire += event.encode()
+    return _wire_only(wire)
+
+
+class IterableSource:
+    """A stream source fed by a user's async iterable (see the module docstring)."""
+
+    __slots__ = ("_closed", "_done", "_interrupted", "_items", "_iterator", "_taken", "_wakeup")
+
+    #: No session: the flush window's gate is not used (the response passes 0).
+    session_id = ""
+
+    def __init__(self, iterable: AsyncIterable[EventItem]) -> None:
+        if not isinstance(iterable, AsyncIterable):
+            raise TypeError(
+                "an event stream takes a Subscription or an async iterable of events, got "
+                f"{type(iterable).__name__}"
+            )
+        self._iterator: AsyncIterator[EventItem] = aiter(iterable)
+        self._items: list[Event] = []
+        self._done = False
+        self._closed = False
+        self._interrupted = False
+        self._wakeup: anyio.Event | None = None
+        self._taken: anyio.Event | None = None
+
+    async def feed(self) -> None:
+        """Pull the items, one at a time, until the iterable ends or fails; run it in a task.
+
+        An exception is logged (with its traceback, once) and ends the stream
+        after the last complete event: nothing half-written.
+        """
+        try:
+            async for item in self._iterator:
+                self._items.append(to_event(item))
+                self._wake()
+                taken = self._taken = anyio.Event()
+                await taken.wait()
+        except Exception:
+            logger.exception("event stream source failed; the stream ends here")
+        finally:
+            self._done = True
+            self._wake()
+
+    async def receive_batch(self) -> list[Event]:
+        while True:
+            if self._items:
+                return self.drain_nowait()
+            if self._done:
+                raise anyio.EndOfStream
+            if self._interrupted:
+                self._interrupted = False
+                return []
+            wakeup = self._wakeup = anyio.Event()
+            await wakeup.wait()
+
+    def drain_nowait(self) -> list[Event]:
+        batch, self._items = self._items, []
+        if batch and self._taken is not None:
+            self._taken.set()
+        return batch
+
+    def _interrupt(self) -> None:
+        self._interrupted = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def aclose(self) -> None:
+        """Close the iterable (an async generator's ``finally`` runs). Idempotent.
+
+        Call it once `feed` has returned: a generator cannot be closed while
+        another task runs it.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._done = True
+        close = getattr(self._iterator, "aclose", None)
+        if close is None:
+            return
+        with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+            try:
+                await close()
+            except Exception:
+                logger.exception("event stream source failed while closing")
