@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import json
 import subprocess
@@ -134,3 +135,27 @@ async def test_a_memory_backend_serves_one_broadcaster() -> None:
         with pytest.raises(RuntimeError, match="a MemoryBackend serves one EventBroadcaster, once"):
             async with EventBroadcaster(backend=backend):
                 pass
+
+
+API_PAGE = Path(__file__).resolve().parent.parent / "docs" / "api.md"
+
+
+def _documented_surface() -> dict[str, set[str]]:
+    """The table "The public surface on one screen" of docs/api.md: module -> names."""
+    surface: dict[str, set[str]] = {}
+    for line in API_PAGE.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("| `sse_broadcaster"):
+            continue
+        module_cell, names_cell = line.strip("|").split("|")[:2]
+        module = module_cell.split("`")[1]
+        surface[module] = set(names_cell.split("`")[1::2])
+    return surface
+
+
+def test_the_api_page_lists_the_whole_public_surface() -> None:
+    surface = _documented_surface()
+    assert "sse_broadcaster" in surface  # the table was found and read
+    for module_name, names in surface.items():
+        module = importlib.import_module(module_name)
+        assert module.__all__ == sorted(module.__all__), module_name
+        assert set(module.__all__) == names, module_name

@@ -43,12 +43,18 @@ from ._validation import check_int, check_positive
 if TYPE_CHECKING:
     from ._config import BroadcasterConfig
 
-__all__ = ["ComeBackLater", "EventSource", "StreamCore", "check_status", "come_back_later_headers"]
+__all__ = [
+    "ComeBackLater",
+    "ResponseSource",
+    "StreamCore",
+    "check_status",
+    "come_back_later_headers",
+]
 
 #: What an ``EventSourceResponse`` streams: a subscription, or an async
 #: iterable of `Event` objects, dicts (``data``, ``event``, ``id``, ``retry``,
 #: ``comment``) or strings (the data of an unnamed event).
-EventSource = Subscription | AsyncIterable[EventItem]
+ResponseSource = Subscription | AsyncIterable[EventItem]
 
 #: Keep-alive and send timeout of a stream that follows no broadcaster.
 DEFAULT_PING = 15.0
@@ -106,7 +112,7 @@ class StreamCore:
 
     def __init__(
         self,
-        source: EventSource,
+        source: ResponseSource,
         *,
         headers: Mapping[str, str] | None,
         ping: float | None,

@@ -40,7 +40,7 @@ from ._adapter import (
 from ._connection import abort_connection
 from ._response import (
     ComeBackLater,
-    EventSource,
+    ResponseSource,
     StreamCore,
     check_status,
     come_back_later_headers,
@@ -151,7 +151,7 @@ class EventSourceResponse(web.StreamResponse):
 
     def __init__(
         self,
-        source: EventSource,
+        source: ResponseSource,
         *,
         status: int = 200,
         reason: str | None = None,

@@ -34,7 +34,7 @@ import anyio.lowlevel
 from ._connection import abort_connection, server_transport
 from ._response import (
     ComeBackLater,
-    EventSource,
+    ResponseSource,
     StreamCore,
     check_status,
     come_back_later_headers,
@@ -45,7 +45,7 @@ from ._streams import FLUSH_WINDOW, registry_for
 if TYPE_CHECKING:
     from ._broadcaster import EventBroadcaster
 
-__all__ = ["EventSource", "EventSourceResponse", "close_streams", "lifespan", "open_streams"]
+__all__ = ["EventSourceResponse", "close_streams", "lifespan", "open_streams"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -96,7 +96,7 @@ class EventSourceResponse:
 
     def __init__(
         self,
-        source: EventSource,
+        source: ResponseSource,
         *,
         status_code: int = 200,
         headers: Mapping[str, str] | None = None,

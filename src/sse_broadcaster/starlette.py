@@ -46,7 +46,7 @@ from ._adapter import (
     missing_extra,
     parse_last_event_id,
 )
-from ._response import EventSource
+from ._response import ResponseSource
 from ._streams import FLUSH_WINDOW, check_flush_window, registry_for
 from .asgi import EventSourceResponse as ASGIEventSourceResponse
 from .asgi import Receive, Scope, Send, close_streams, lifespan, open_streams
@@ -156,7 +156,7 @@ class EventSourceResponse(Response):
 
     def __init__(
         self,
-        source: EventSource,
+        source: ResponseSource,
         *,
         status_code: int = 200,
         headers: Mapping[str, str] | None = None,
