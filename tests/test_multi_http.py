@@ -15,11 +15,13 @@ from urllib.parse import quote
 
 import anyio
 import pytest
+from fastapi import Depends, FastAPI, Header, HTTPException, Query
 
 from sse_broadcaster import BroadcasterConfig, EventBroadcaster
 from sse_broadcaster._adapter import MAX_LAST_EVENT_ID
 from sse_broadcaster._multi import max_cursor_length, parse_cursor
 from sse_broadcaster._sources import MultiSource, multi_frame_data
+from sse_broadcaster.starlette import EventSourceResponse, lifespan
 
 from .support.servers import RawStream, open_raw, run_aiohttp, run_uvicorn
 from .support.sse_parser import ParsedEvent, SSEParser
@@ -430,19 +432,17 @@ async def test_plain_asgi_response() -> None:
             assert_same(items(await Reader(raw).take(2)), [("b", "2"), ("a", "3")])
 
 
-async def test_fastapi_path_operation_with_depends() -> None:
-    """The docs' FastAPI example, as written there."""
-    from fastapi import Depends, FastAPI, Header, HTTPException, Query
+async def readable_rooms(room: Annotated[list[str], Query()]) -> list[str]:
+    """A dependency: the rooms of the query this user may read."""
+    if "secret" in room:
+        raise HTTPException(403, "forbidden")
+    return room
 
-    from sse_broadcaster.starlette import EventSourceResponse, lifespan
 
-    broadcaster = EventBroadcaster()
+def fastapi_app(broadcaster: EventBroadcaster) -> FastAPI:
+    """The docs' FastAPI example, as written there (at module level: FastAPI resolves
+    the string annotations in the module's globals)."""
     app = FastAPI(lifespan=lifespan(broadcaster))
-
-    async def readable_rooms(room: Annotated[list[str], Query()]) -> list[str]:
-        if "secret" in room:
-            raise HTTPException(403, "forbidden")
-        return room
 
     @app.get("/rooms/events", response_class=EventSourceResponse)
     async def room_events(
@@ -455,6 +455,12 @@ async def test_fastapi_path_operation_with_depends() -> None:
             raise HTTPException(400, str(exc)) from None
         return EventSourceResponse(multi)
 
+    return app
+
+
+async def test_fastapi_path_operation_with_depends() -> None:
+    broadcaster = EventBroadcaster()
+    app = fastapi_app(broadcaster)
     async with run_uvicorn(app) as running:
         base = running.base_url
         async with open_raw(base, "/rooms/events?room=a&room=secret") as raw:
