@@ -504,3 +504,25 @@ async def test_redis_multi_stream_resumes_exactly(redis_server: str) -> None:
             everything = first + away
             replayed = await Reader(raw).take(len(everything))
             assert_same(items(replayed), everything)
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+async def test_keepalive_and_shutdown_reach_a_multi_stream(adapter: str) -> None:
+    """The watchdog wakes a multi-stream for its ping; close_streams ends it."""
+    from sse_broadcaster.asgi import close_streams, open_streams
+
+    broadcaster = EventBroadcaster(BroadcasterConfig(keepalive_interval=0.2))
+    async with (
+        serve(adapter, broadcaster) as base,
+        open_raw(base, f"/events?{query(SESSIONS)}") as raw,
+    ):
+        body = b""
+        with anyio.fail_after(10):
+            while b": ping\n\n" not in body:
+                body += await raw.read_chunk()
+        assert open_streams(broadcaster) == 1
+        close_streams(broadcaster)
+        with anyio.fail_after(10):
+            await raw.read_body()  # the server ends the body
+        assert open_streams(broadcaster) == 0
+        assert broadcaster.subscriber_count("a") == 0
