@@ -27,7 +27,7 @@ from starlette.routing import Route
 from sse_broadcaster import BroadcasterConfig, EventBroadcaster
 from sse_broadcaster.starlette import lifespan, sse_multi_endpoint
 
-from .support.servers import run_uvicorn
+from .support.servers import run_aiohttp, run_uvicorn
 from .test_browser import CHROMIUM, CHROMIUM_ARGS, _wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.browser]
@@ -90,7 +90,7 @@ async def browser() -> AsyncIterator[Any]:
 
 
 class Recorded:
-    """The multi endpoint, noting the resume position each stream request carried."""
+    """The multi endpoint (ASGI), noting the resume position each stream request carried."""
 
     def __init__(self, broadcaster: EventBroadcaster) -> None:
         self.endpoint = sse_multi_endpoint(broadcaster)
@@ -106,18 +106,44 @@ class Recorded:
 
 
 @asynccontextmanager
-async def serve(broadcaster: EventBroadcaster) -> AsyncIterator[tuple[str, Recorded]]:
-    recorded = Recorded(broadcaster)
+async def serve(
+    adapter: str, broadcaster: EventBroadcaster
+) -> AsyncIterator[tuple[str, list[dict[str, str | None]]]]:
+    """The page at ``/`` and the multi-session stream at ``/events``."""
+    if adapter == "starlette":
+        recorded = Recorded(broadcaster)
 
-    async def page(request: Request) -> HTMLResponse:
-        return HTMLResponse(PAGE)
+        async def page(request: Request) -> HTMLResponse:
+            return HTMLResponse(PAGE)
 
-    app = Starlette(
-        routes=[Route("/", page), Route("/events", recorded)],
-        lifespan=lifespan(broadcaster),
-    )
-    async with run_uvicorn(app) as running:
-        yield running.base_url, recorded
+        app = Starlette(
+            routes=[Route("/", page), Route("/events", recorded)],
+            lifespan=lifespan(broadcaster),
+        )
+        async with run_uvicorn(app) as running:
+            yield running.base_url, recorded.requests
+        return
+    from aiohttp import web
+
+    from sse_broadcaster.aiohttp import setup, sse_multi_handler
+
+    requests: list[dict[str, str | None]] = []
+    handler = sse_multi_handler(broadcaster)
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        header = request.headers.get("Last-Event-ID")
+        requests.append({"header": header, "query": request.query.get("lastEventId")})
+        return await handler(request)
+
+    async def html(request: web.Request) -> web.StreamResponse:
+        return web.Response(text=PAGE, content_type="text/html")
+
+    aiohttp_app = web.Application()
+    aiohttp_app.router.add_get("/", html)
+    aiohttp_app.router.add_get("/events", events)
+    setup(aiohttp_app, broadcaster)
+    async with run_aiohttp(aiohttp_app) as running:
+        yield running.base_url, requests
 
 
 class Publisher:
@@ -149,10 +175,13 @@ def check_exactly_once(received: list[list[str]], published: list[tuple[str, str
         assert mine == [data for s, data in published if s == session], session
 
 
-async def test_three_sessions_on_one_event_source_resume_exactly(browser: Any) -> None:
+@pytest.mark.parametrize("adapter", ["starlette", "aiohttp"])
+async def test_three_sessions_on_one_event_source_resume_exactly(
+    browser: Any, adapter: str
+) -> None:
     broadcaster = EventBroadcaster(BroadcasterConfig(retry_ms=250, keepalive_interval=5.0))
     publisher = Publisher(broadcaster)
-    async with serve(broadcaster) as (url, recorded):
+    async with serve(adapter, broadcaster) as (url, requests):
         page = await browser.new_page()
         page_errors: list[str] = []
         page.on("pageerror", lambda exc: page_errors.append(str(exc)))
@@ -172,8 +201,8 @@ async def test_three_sessions_on_one_event_source_resume_exactly(browser: Any) -
         await publisher.publish(3)  # within retry_ms: replayed on the reconnect
         await _wait_for(page, "window.live.opens >= 2")
         await _wait_for(page, f"window.state().items.length >= {len(publisher.published)}")
-        reconnect = recorded.requests[1]
-        assert reconnect["header"] is not None, recorded.requests
+        reconnect = requests[1]
+        assert reconnect["header"] is not None, requests
         assert reconnect["header"].startswith("m1.")
         # The id of the last event the page had dispatched, as it was sent.
         assert reconnect["header"] == cursor_before_drop
@@ -196,11 +225,11 @@ async def test_three_sessions_on_one_event_source_resume_exactly(browser: Any) -
     assert state["loads"] == 2
     assert stored_before < len(publisher.published), "the reload was not mid-stream"
     # The reloaded page resumed from the cursor it had stored: an id the server sent.
-    reloaded = recorded.requests[-1]
+    reloaded = requests[-1]
     assert reloaded["header"] is None  # a new EventSource has no id to send
     sent_ids = {last_event_id for _, _, last_event_id in state["items"]}
     assert reloaded["query"] in sent_ids
-    assert len(recorded.requests) == 3, recorded.requests
+    assert len(requests) == 3, requests
     # Both resumes replayed each of the three sessions, with no gap; the three
     # rounds published within retry_ms of the drop came back by replay.
     assert stats["replays"] == 6
@@ -208,6 +237,6 @@ async def test_three_sessions_on_one_event_source_resume_exactly(browser: Any) -
     assert stats["replayedEvents"] >= 9
     assert page_errors == []
     print(
-        f"\nChromium, one EventSource over {len(SESSIONS)} sessions: "
+        f"\nChromium on {adapter}, one EventSource over {len(SESSIONS)} sessions: "
         f"{len(state['items'])} events, 1 server drop, 1 reload, 0 holes, 0 duplicates"
     )
