@@ -209,6 +209,23 @@ async def test_frame_cursor_equals_multi_cursor_and_escapes_lone_surrogates() ->
     assert json.loads(multi_frame_data("s\ud800", "d")) == {"session": "s\ud800", "data": "d"}
 
 
+async def test_framed_data_is_json_whatever_the_data() -> None:
+    tricky = 'q"uote \\ back\tslash \x01\x1f \u2028 \u00fc\U0001f600 \r\n end'
+    async with EventBroadcaster() as broadcaster, broadcaster.subscribe_many(["s"]) as multi:
+        source = MultiSource(multi)
+        source.start()
+        await broadcaster.publish("s", tricky, event="name", retry=100)
+        (framed,) = source.frame(multi.drain_nowait())
+    lines = framed.encode().decode().split("\n")
+    assert lines[1:3] == ["event: name", "retry: 100"]
+    assert lines[3].startswith("data: ")
+    assert lines[4:] == ["", ""]  # one data line, then the blank line
+    envelope = json.loads(lines[3].removeprefix("data: "))
+    # The published data exactly, CR included (JSON escapes it; a bare data:
+    # field could only carry LF).
+    assert envelope == {"session": "s", "data": tricky}
+
+
 # -- resuming ------------------------------------------------------------------------------
 
 

@@ -13,12 +13,23 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from typing import Any
 
 import anyio
 
-from ._event import Event, encode_comment
+from ._event import (
+    Event,
+    _set_data,
+    _set_event,
+    _set_id,
+    _set_retry,
+    _set_session_id,
+    _set_timestamp,
+    _set_wire,
+    encode_comment,
+)
+from ._event import _new as _new_event
 from ._multi import _POSITION, MultiSubscription
 
 __all__ = ["EventItem", "IterableSource", "MultiSource", "multi_frame_data", "to_event"]
@@ -196,6 +207,31 @@ def _json(value: str) -> str:
     return text
 
 
+# A JSON string literal, as json.dumps(text, ensure_ascii=False) writes it, minus the call.
+_quote: Callable[[str], str] = json.encoder.encode_basestring
+
+
+def make_event_with_wire(
+    id: str,
+    session_id: str,
+    data: str,
+    event: str | None,
+    retry: int | None,
+    timestamp: float,
+    wire: bytes,
+) -> Event:
+    """An `Event` of those fields that writes `wire` (nothing checked or encoded)."""
+    new: Event = _new_event(Event)
+    _set_id(new, id)
+    _set_session_id(new, session_id)
+    _set_data(new, data)
+    _set_event(new, event)
+    _set_retry(new, retry)
+    _set_timestamp(new, timestamp)
+    _set_wire(new, wire)
+    return new
+
+
 def multi_frame_data(session_id: str, data: str) -> str:
     """The ``data:`` of an event of a multi-session stream: ``{"session":...,"data":...}``."""
     return f'{{"session":{_json(session_id)},"data":{_json(data)}}}'
@@ -203,12 +239,9 @@ def multi_frame_data(session_id: str, data: str) -> str:
 
 def _framed(event: Event, wire: bytes) -> Event:
     """A copy of `event` that writes `wire` (its fields kept, for logs and the flush gate)."""
-    new: Event = object.__new__(Event)
-    setattr_ = object.__setattr__
-    for name in ("id", "session_id", "data", "event", "retry", "timestamp"):
-        setattr_(new, name, getattr(event, name))
-    setattr_(new, "_wire", wire)
-    return new
+    return make_event_with_wire(
+        event.id, event.session_id, event.data, event.event, event.retry, event.timestamp, wire
+    )
 
 
 class MultiSource:
@@ -269,7 +302,8 @@ class MultiSource:
                 head += f"event: {event.event}\n"
             if event.retry is not None:
                 head += f"retry: {event.retry}\n"
-            data = f"{prefixes[event.session_id]}{_json(event.data)}}}"
+            # An event's data is valid UTF-8 (checked when it was made): no fallback.
+            data = f"{prefixes[event.session_id]}{_quote(event.data)}}}"
             framed.append(_framed(event, f"{head}data: {data}\n\n".encode()))
         return framed
 
