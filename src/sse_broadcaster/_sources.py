@@ -30,7 +30,7 @@ from ._event import (
     encode_comment,
 )
 from ._event import _new as _new_event
-from ._multi import _POSITION, MultiSubscription
+from ._multi import _POSITION, CURSOR_VERSION, MultiSubscription
 
 __all__ = ["EventItem", "IterableSource", "MultiSource", "multi_frame_data", "to_event"]
 
@@ -287,7 +287,7 @@ class MultiSource:
 
     def cursor(self) -> str:
         """The cursor after the last event framed (equal to the multi-subscription's)."""
-        return "m1." + ",".join([entry for entry in self._entries if entry])
+        return CURSOR_VERSION + ",".join([entry for entry in self._entries if entry])
 
     def frame(self, events: list[Event]) -> list[Event]:
         """`events` framed: each with its session in ``data`` and the cursor after it."""
@@ -297,7 +297,7 @@ class MultiSource:
         for event in events:
             i = index[event.session_id]
             entries[i] = self._entry(tags[i], event.id)
-            head = f"id: m1.{','.join([entry for entry in entries if entry])}\n"
+            head = f"id: {CURSOR_VERSION}{','.join([entry for entry in entries if entry])}\n"
             if event.event is not None:
                 head += f"event: {event.event}\n"
             if event.retry is not None:
