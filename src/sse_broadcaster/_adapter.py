@@ -25,9 +25,11 @@ from ._errors import (
     SubscriberLimitError,
 )
 from ._event import Event, encode_comment
+from ._multi import UNKNOWN_POSITION, max_cursor_length
 
 if TYPE_CHECKING:
     from ._config import BroadcasterConfig
+    from ._multi import MultiSubscription
     from ._subscription import Subscription
 
 __all__ = [
@@ -41,6 +43,9 @@ __all__ = [
     "gap_event",
     "is_authorized",
     "missing_extra",
+    "multi_cursor_cap",
+    "multi_gap_event",
+    "multi_prelude",
     "parse_last_event_id",
     "prelude",
     "retry_field",
@@ -110,7 +115,9 @@ _NOT_AN_ID = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
-def parse_last_event_id(header: bytes | str | None, query: str | None) -> LastEventId:
+def parse_last_event_id(
+    header: bytes | str | None, query: str | None, max_length: int = MAX_LAST_EVENT_ID
+) -> LastEventId:
     """The resume position from the ``Last-Event-ID`` header, else the ``lastEventId`` query.
 
     Pass the header's raw bytes: they are read as UTF-8 on every server
@@ -119,6 +126,9 @@ def parse_last_event_id(header: bytes | str | None, query: str | None) -> LastEv
     set headers. An empty value means none. A value that is not UTF-8, is too
     long or holds control characters is never passed on: the stream replays
     what is retained after a ``gap`` event, as for any unknown id.
+
+    `max_length` is `MAX_LAST_EVENT_ID` for a single session's stream; a
+    multi-session stream takes a cursor, up to `multi_cursor_cap` characters.
     """
     undecodable = False
     raw: str | None
@@ -133,8 +143,8 @@ def parse_last_event_id(header: bytes | str | None, query: str | None) -> LastEv
         raw = query
     if not raw:
         return LastEventId(None, None, False)
-    if undecodable or len(raw) > MAX_LAST_EVENT_ID or _NOT_AN_ID.search(raw):
-        requested = _SURROGATES.sub("\ufffd", raw[:MAX_LAST_EVENT_ID])
+    if undecodable or len(raw) > max_length or _NOT_AN_ID.search(raw):
+        requested = _SURROGATES.sub("\ufffd", raw[:max_length])
         return LastEventId(_REJECTED_ID, requested, True)
     return LastEventId(raw, raw, False)
 
@@ -175,6 +185,48 @@ def prelude(
         parts.append(gap_event(subscription.session_id, last_event_id, subscription.replayed))
     parts.extend(event.encode() for event in subscription.drain_nowait())
     return b"".join(parts)
+
+
+def multi_cursor_cap(config: BroadcasterConfig) -> int:
+    """The longest Last-Event-ID a multi-session stream takes: a cursor of the most sessions."""
+    return max(MAX_LAST_EVENT_ID, max_cursor_length(config.max_sessions_per_subscription))
+
+
+def multi_gap_event(session_id: str, position: str | None, replayed: int, invalid: bool) -> bytes:
+    """The ``gap`` event of one session of a multi-session stream.
+
+    Its data names the session, the position the cursor held for it (null:
+    none), and how many of its events were replayed. No ``id:``: the client
+    keeps its cursor until the first event.
+    """
+    payload: dict[str, Any] = {
+        "session": session_id,
+        "lastEventId": position,
+        "replayed": replayed,
+    }
+    if invalid:
+        payload["invalid"] = True
+    # ensure_ascii: a session id may hold a lone surrogate, which UTF-8 cannot carry.
+    data = json.dumps(payload, separators=(",", ":"))
+    return Event(id="", session_id=session_id, data=data, event="gap").encode()
+
+
+def multi_prelude(
+    retry_ms: int | None, multi: MultiSubscription, last_event_id: LastEventId | None
+) -> list[bytes]:
+    """What a multi-session stream starts with, bar the replay: ``retry:``, a ``gap`` per session.
+
+    Every session is a gap when the client's Last-Event-ID could not be a cursor.
+    """
+    parts: list[bytes] = [retry_field(retry_ms)]
+    invalid = last_event_id is not None and last_event_id.rejected
+    for sub in multi._subs:
+        if sub.gap or invalid:
+            position = sub.last_event_id
+            if position == UNKNOWN_POSITION or invalid:
+                position = None
+            parts.append(multi_gap_event(sub.session_id, position, sub.replayed, invalid))
+    return parts
 
 
 def retry_field(retry_ms: int | None) -> bytes:

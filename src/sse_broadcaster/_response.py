@@ -1,7 +1,8 @@
 """What every ``EventSourceResponse`` shares, whatever the framework: one stream's life.
 
-`StreamCore` checks the options, enters the source (a `Subscription`, or a
-request's own async iterable through `_sources.IterableSource`), says what the
+`StreamCore` checks the options, enters the source (a `Subscription`, a
+`MultiSubscription` through `_sources.MultiSource`, or a request's own async
+iterable through `_sources.IterableSource`), says what the
 stream opens with (``retry:``, the ``gap`` event, the replay) or that the
 client must come back later, runs `_streams.run_stream`, and closes the
 source at the end. The ASGI and aiohttp responses only add their transport:
@@ -21,13 +22,16 @@ from ._adapter import (
     SSE_HEADERS,
     LastEventId,
     come_back_later,
+    multi_prelude,
     parse_last_event_id,
     prelude,
     retry_field,
 )
 from ._event import encode_comment
+from ._multi import _NEW as _MULTI_NEW
+from ._multi import MultiSubscription
 from ._shutdown import install_shutdown_hook
-from ._sources import EventItem, IterableSource
+from ._sources import EventItem, IterableSource, MultiSource
 from ._streams import (
     Outcome,
     StreamRegistry,
@@ -51,10 +55,11 @@ __all__ = [
     "come_back_later_headers",
 ]
 
-#: What an ``EventSourceResponse`` streams: a subscription, or an async
-#: iterable of `Event` objects, dicts (``data``, ``event``, ``id``, ``retry``,
-#: ``comment``) or strings (the data of an unnamed event).
-ResponseSource = Subscription | AsyncIterable[EventItem]
+#: What an ``EventSourceResponse`` streams: a subscription, a subscription to
+#: several sessions, or an async iterable of `Event` objects, dicts (``data``,
+#: ``event``, ``id``, ``retry``, ``comment``) or strings (the data of an
+#: unnamed event).
+ResponseSource = Subscription | MultiSubscription | AsyncIterable[EventItem]
 
 #: Keep-alive and send timeout of a stream that follows no broadcaster.
 DEFAULT_PING = 15.0
@@ -98,6 +103,7 @@ class StreamCore:
 
     __slots__ = (
         "_iterable",
+        "_multi",
         "_ping",
         "_retry",
         "_send_timeout",
@@ -134,9 +140,13 @@ class StreamCore:
         self._retry = retry
         self._subscription: Subscription | None = None
         self._iterable: IterableSource | None = None
+        self._multi: MultiSource | None = None
         if isinstance(source, Subscription):
             self._subscription = source
             self.registry: StreamRegistry = registry_of_owner(source._owner)
+        elif isinstance(source, MultiSubscription):
+            self._multi = MultiSource(source)
+            self.registry = registry_of_owner(source._subs[0]._owner)
         else:
             self._iterable = IterableSource(source)  # TypeError for anything else
             self.registry = default_registry()
@@ -145,7 +155,11 @@ class StreamCore:
         self._used = False
 
     def _config(self) -> BroadcasterConfig | None:
-        return self._subscription._owner.config if self._subscription is not None else None
+        if self._subscription is not None:
+            return self._subscription._owner.config
+        if self._multi is not None:
+            return self._multi.multi._subs[0]._owner.config
+        return None
 
     @property
     def keepalive(self) -> float:
@@ -175,6 +189,8 @@ class StreamCore:
         self._used = True
         registry = self.registry
         install_shutdown_hook(registry)
+        if self._multi is not None:
+            return await self._open_multi(self._multi)
         subscription = self._subscription
         if subscription is None:
             return retry_field(self._retry)
@@ -196,6 +212,34 @@ class StreamCore:
         last_event_id = self.last_event_id or parse_last_event_id(subscription.last_event_id, None)
         retry = self._retry if self._retry is not None else config.retry_ms
         return prelude(retry, subscription, last_event_id)
+
+    async def _open_multi(self, source: MultiSource) -> bytes:
+        multi = source.multi
+        config = self._config()
+        assert config is not None
+        if multi._state == _MULTI_NEW:  # entered here; else the caller did
+            try:
+                if self.registry.closing:
+                    reason = "the server is shutting down"
+                else:
+                    await multi.__aenter__()
+                    reason = ""
+            except COME_BACK_LATER as exc:
+                reason = str(exc)
+            if reason:
+                multi.close()
+                raise ComeBackLater(*come_back_later(config, reason))
+        source.start()
+        retry = self._retry if self._retry is not None else config.retry_ms
+        parts = multi_prelude(retry, multi, self.last_event_id)
+        replay = source.drain_nowait()
+        if replay:
+            parts.extend(event.encode() for event in replay)
+        else:
+            # An id-only message sets the client's Last-Event-ID without an event:
+            # a session quiet until the client reconnects replays what it missed.
+            parts.append(f"id: {source.cursor()}\n\n".encode())
+        return b"".join(parts)
 
     async def run(
         self,
@@ -224,6 +268,9 @@ class StreamCore:
         try:
             if self._subscription is not None:
                 return await stream(self._subscription, self.flush_window)
+            if self._multi is not None:
+                # The flush gate is the stream's own (see MultiSource.session_id).
+                return await stream(self._multi, self.flush_window)
             source = self._iterable
             assert source is not None
             async with anyio.create_task_group() as task_group:
@@ -240,6 +287,8 @@ class StreamCore:
         """Close the source (idempotent): the subscription leaves, the generator is closed."""
         if self._subscription is not None:
             await self._subscription.aclose()
+        elif self._multi is not None:
+            await self._multi.aclose()
         elif self._iterable is not None:
             await self._iterable.aclose()
 

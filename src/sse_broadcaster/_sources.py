@@ -11,15 +11,28 @@ a web framework.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from typing import Any
 
 import anyio
 
-from ._event import Event, encode_comment
+from ._event import (
+    Event,
+    _set_data,
+    _set_event,
+    _set_id,
+    _set_retry,
+    _set_session_id,
+    _set_timestamp,
+    _set_wire,
+    encode_comment,
+)
+from ._event import _new as _new_event
+from ._multi import _POSITION, CURSOR_VERSION, MultiSubscription
 
-__all__ = ["EventItem", "IterableSource", "to_event"]
+__all__ = ["EventItem", "IterableSource", "MultiSource", "multi_frame_data", "to_event"]
 
 logger = logging.getLogger("sse_broadcaster")
 
@@ -179,3 +192,129 @@ class IterableSource:
                 await close()
             except Exception:
                 logger.exception("event stream source failed while closing")
+
+
+# -- several sessions on one stream ------------------------------------------------------
+
+
+def _json(value: str) -> str:
+    # A session id may hold a lone surrogate, which UTF-8 cannot carry: escape it then.
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = json.dumps(value)
+    return text
+
+
+# A JSON string literal, as json.dumps(text, ensure_ascii=False) writes it, minus the call.
+_quote: Callable[[str], str] = json.encoder.encode_basestring
+
+
+def make_event_with_wire(
+    id: str,
+    session_id: str,
+    data: str,
+    event: str | None,
+    retry: int | None,
+    timestamp: float,
+    wire: bytes,
+) -> Event:
+    """An `Event` of those fields that writes `wire` (nothing checked or encoded)."""
+    new: Event = _new_event(Event)
+    _set_id(new, id)
+    _set_session_id(new, session_id)
+    _set_data(new, data)
+    _set_event(new, event)
+    _set_retry(new, retry)
+    _set_timestamp(new, timestamp)
+    _set_wire(new, wire)
+    return new
+
+
+def multi_frame_data(session_id: str, data: str) -> str:
+    """The ``data:`` of an event of a multi-session stream: ``{"session":...,"data":...}``."""
+    return f'{{"session":{_json(session_id)},"data":{_json(data)}}}'
+
+
+def _framed(event: Event, wire: bytes) -> Event:
+    """A copy of `event` that writes `wire` (its fields kept, for logs and the flush gate)."""
+    return make_event_with_wire(
+        event.id, event.session_id, event.data, event.event, event.retry, event.timestamp, wire
+    )
+
+
+class MultiSource:
+    """A `MultiSubscription` as a stream source: each event framed for one EventSource.
+
+    Each event is written as::
+
+        id: <the cursor after this event>
+        event: <its name, if it has one>
+        data: {"session":"<its session>","data":"<its data>"}
+
+    Every event carries the cursor as of after it, so whatever complete event
+    a browser dispatched last before a connection drops, the ``Last-Event-ID``
+    it sends back resumes every session right after it.
+    """
+
+    __slots__ = ("_entries", "_index", "_prefixes", "multi", "session_id")
+
+    def __init__(self, multi: MultiSubscription) -> None:
+        self.multi = multi
+        # No session id holds a control character: the flush gate of this stream
+        # is its own, shared with no session's streams.
+        self.session_id = f"\x00multi-{id(multi):x}"
+        self._index = {session_id: i for i, session_id in enumerate(multi.session_ids)}
+        self._entries: list[str] = []
+        self._prefixes = {
+            session_id: f'{{"session":{_json(session_id)},"data":'
+            for session_id in multi.session_ids
+        }
+
+    def start(self) -> None:
+        """Take the positions on entry (call once the multi-subscription is entered)."""
+        positions = self.multi._positions
+        self._entries = [
+            self._entry(tag, positions.get(session_id))
+            for tag, session_id in zip(self.multi._tags, self.multi.session_ids, strict=True)
+        ]
+
+    @staticmethod
+    def _entry(tag: str, position: str | None) -> str:
+        # As encode_cursor: a position it cannot carry is left out (unknown).
+        return tag + position if position is not None and _POSITION.fullmatch(position) else ""
+
+    def cursor(self) -> str:
+        """The cursor after the last event framed (equal to the multi-subscription's)."""
+        return CURSOR_VERSION + ",".join([entry for entry in self._entries if entry])
+
+    def frame(self, events: list[Event]) -> list[Event]:
+        """`events` framed: each with its session in ``data`` and the cursor after it."""
+        framed = []
+        entries, index, tags = self._entries, self._index, self.multi._tags
+        prefixes = self._prefixes
+        for event in events:
+            i = index[event.session_id]
+            entries[i] = self._entry(tags[i], event.id)
+            head = f"id: {CURSOR_VERSION}{','.join([entry for entry in entries if entry])}\n"
+            if event.event is not None:
+                head += f"event: {event.event}\n"
+            if event.retry is not None:
+                head += f"retry: {event.retry}\n"
+            # An event's data is valid UTF-8 (checked when it was made): no fallback.
+            data = f"{prefixes[event.session_id]}{_quote(event.data)}}}"
+            framed.append(_framed(event, f"{head}data: {data}\n\n".encode()))
+        return framed
+
+    async def receive_batch(self) -> list[Event]:
+        return self.frame(await self.multi.receive_batch())
+
+    def drain_nowait(self) -> list[Event]:
+        return self.frame(self.multi.drain_nowait())
+
+    def _interrupt(self) -> None:
+        self.multi._interrupt()
+
+    async def aclose(self) -> None:
+        await self.multi.aclose()

@@ -35,6 +35,7 @@ from ._adapter import (
     Authorize,
     is_authorized,
     missing_extra,
+    multi_cursor_cap,
     parse_last_event_id,
 )
 from ._connection import abort_connection
@@ -63,6 +64,7 @@ __all__ = [
     "open_streams",
     "setup",
     "sse_handler",
+    "sse_multi_handler",
     "stats_handler",
 ]
 
@@ -106,13 +108,9 @@ def sse_handler(
 
     async def handler(request: web.Request) -> web.StreamResponse:
         session_id = request.match_info.get(match_info_key, "")
-        # The raw bytes: aiohttp's str headers keep undecodable bytes as lone
-        # surrogates, which could not be encoded into the gap event.
-        header = next(
-            (value for name, value in request.raw_headers if name.lower() == b"last-event-id"),
-            None,
+        last_event_id = parse_last_event_id(
+            _last_event_id_header(request), request.query.get("lastEventId")
         )
-        last_event_id = parse_last_event_id(header, request.query.get("lastEventId"))
         try:
             subscription = broadcaster.subscribe(session_id, last_event_id=last_event_id.value)
         except (TypeError, ValueError) as exc:
@@ -120,6 +118,65 @@ def sse_handler(
         if not await is_authorized(authorize, request, session_id):
             return web.Response(status=403, text="forbidden")
         response = EventSourceResponse(subscription, flush_window=flush_window)
+        response._core.last_event_id = last_event_id
+        return response
+
+    return handler
+
+
+def _last_event_id_header(request: web.Request) -> bytes | None:
+    # The raw bytes: aiohttp's str headers keep undecodable bytes as lone
+    # surrogates, which could not be encoded into the gap event.
+    return next(
+        (value for name, value in request.raw_headers if name.lower() == b"last-event-id"),
+        None,
+    )
+
+
+def sse_multi_handler(
+    broadcaster: EventBroadcaster,
+    *,
+    authorize: Authorize | None = None,
+    query_param: str = "session",
+    flush_window: float = FLUSH_WINDOW,
+) -> Handler:
+    """A handler streaming the sessions named in the query on one stream.
+
+    Use it as ``app.router.add_get("/events", sse_multi_handler(broadcaster))``
+    and open ``/events?session=a&session=b``. It behaves as
+    `sse_broadcaster.starlette.sse_multi_endpoint` does: each event's
+    ``data`` is ``{"session": ..., "data": ...}`` and its ``id`` the cursor
+    resuming every session; 400 for no session, a session twice, an invalid
+    one or too many; 403 when `authorize` says no for any session.
+
+    Args:
+        broadcaster: the broadcaster to subscribe to; run it with `setup`.
+        authorize: ``authorize(request, session_id)``, sync or async, called
+            for each session; one False answers 403.
+        query_param: the query parameter naming the sessions, repeated.
+        flush_window: seconds a burst of events is held so that more of them
+            join one write (this stream's own window); 0 writes at once.
+
+    Raises:
+        ValueError: `flush_window` is negative, infinite or NaN.
+    """
+    check_flush_window(flush_window)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        session_ids = request.query.getall(query_param, [])
+        last_event_id = parse_last_event_id(
+            _last_event_id_header(request),
+            request.query.get("lastEventId"),
+            multi_cursor_cap(broadcaster.config),
+        )
+        try:
+            multi = broadcaster.subscribe_many(session_ids, cursor=last_event_id.value)
+        except (TypeError, ValueError) as exc:
+            return web.Response(status=400, text=f"invalid sessions: {exc}")
+        for session_id in multi.session_ids:
+            if not await is_authorized(authorize, request, session_id):
+                return web.Response(status=403, text="forbidden")
+        response = EventSourceResponse(multi, flush_window=flush_window)
         response._core.last_event_id = last_event_id
         return response
 
@@ -138,8 +195,9 @@ class EventSourceResponse(web.StreamResponse):
     `prepare`, until the source ends, the client leaves, its socket stops
     taking writes for `send_timeout`, or the app shuts down. `source` and the
     options are those of `sse_broadcaster.asgi.EventSourceResponse`: a
-    `Subscription` or an async iterable of `Event` objects, dicts or strings;
-    per-response ping, send timeout, retry, headers and `status`.
+    `Subscription`, a `MultiSubscription` (several sessions on one stream,
+    see docs/replay.md) or an async iterable of `Event` objects, dicts or
+    strings; per-response ping, send timeout, retry, headers and `status`.
 
     aiohttp does not tell a handler that its client went away, so a
     disconnect is noticed by the watchdog (it checks the transport four times

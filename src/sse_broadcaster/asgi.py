@@ -61,7 +61,10 @@ class EventSourceResponse:
     """An ASGI app streaming `source` as ``text/event-stream`` to one request.
 
     `source` is a `Subscription` (entered here if it was not, closed at the
-    end; a gap on entry opens the stream with the ``gap`` event) or an async
+    end; a gap on entry opens the stream with the ``gap`` event), a
+    `MultiSubscription` (the same, several sessions on one stream: each
+    event's data is ``{"session": ..., "data": ...}`` and its id the cursor
+    after it; a ``gap`` event per session; see docs/replay.md) or an async
     iterable of `Event` objects, dicts (keys ``data``, ``event``, ``id``,
     ``retry``, ``comment``) or strings (the data of an unnamed event). An
     iterable is pulled one item at a time as the client takes them, and is

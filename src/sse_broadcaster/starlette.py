@@ -44,6 +44,7 @@ from ._adapter import (
     Authorize,
     is_authorized,
     missing_extra,
+    multi_cursor_cap,
     parse_last_event_id,
 )
 from ._response import ResponseSource
@@ -64,11 +65,13 @@ if TYPE_CHECKING:
 __all__ = [
     "EventSourceResponse",
     "SSEEndpoint",
+    "SSEMultiEndpoint",
     "close_streams",
     "lifespan",
     "metrics_endpoint",
     "open_streams",
     "sse_endpoint",
+    "sse_multi_endpoint",
     "stats_endpoint",
 ]
 
@@ -132,6 +135,103 @@ class SSEEndpoint:
         await response(scope, receive, send)
 
 
+def _last_event_id_header(scope: Scope) -> bytes | None:
+    for name, value in scope["headers"]:
+        if name == b"last-event-id":
+            return value  # type: ignore[no-any-return]
+    return None
+
+
+class SSEMultiEndpoint:
+    """The ASGI app that streams several sessions on one stream; made by `sse_multi_endpoint`."""
+
+    def __init__(
+        self,
+        broadcaster: EventBroadcaster,
+        *,
+        authorize: Authorize | None = None,
+        query_param: str = "session",
+        flush_window: float = FLUSH_WINDOW,
+    ) -> None:
+        self.broadcaster = broadcaster
+        self.authorize = authorize
+        self.query_param = query_param
+        self.flush_window = check_flush_window(flush_window)
+
+    def __repr__(self) -> str:
+        return f"<SSEMultiEndpoint query_param={self.query_param!r} authorize={self.authorize!r}>"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            raise RuntimeError(f"SSEMultiEndpoint serves HTTP only, got a {scope['type']!r} scope")
+        if scope["method"] != "GET":
+            await _plain(send, 405, "only GET opens an event stream", [(b"allow", b"GET")])
+            return
+        broadcaster = self.broadcaster
+        session_ids: list[str] = []
+        query: str | None = None
+        for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1")):
+            if key == self.query_param:
+                session_ids.append(value)
+            elif key == "lastEventId" and query is None:
+                query = value
+        header = _last_event_id_header(scope)
+        last_event_id = parse_last_event_id(header, query, multi_cursor_cap(broadcaster.config))
+        try:
+            multi = broadcaster.subscribe_many(session_ids, cursor=last_event_id.value)
+        except (TypeError, ValueError) as exc:
+            await _plain(send, 400, f"invalid sessions: {exc}")
+            return
+        if self.authorize is not None:
+            request = Request(scope, receive)
+            for session_id in multi.session_ids:
+                if not await is_authorized(self.authorize, request, session_id):
+                    await _plain(send, 403, "forbidden")
+                    return
+        response = ASGIEventSourceResponse(multi, flush_window=self.flush_window)
+        response._core.last_event_id = last_event_id
+        await response(scope, receive, send)
+
+
+def sse_multi_endpoint(
+    broadcaster: EventBroadcaster,
+    *,
+    authorize: Authorize | None = None,
+    query_param: str = "session",
+    flush_window: float = FLUSH_WINDOW,
+) -> SSEMultiEndpoint:
+    """An ASGI endpoint streaming the sessions named in the query on one stream.
+
+    Use it as ``Route("/events", sse_multi_endpoint(broadcaster))`` and open
+    ``/events?session=a&session=b``. Each event's ``data`` is
+    ``{"session": ..., "data": ...}`` and its ``id`` the cursor that resumes
+    every session (see docs/replay.md, "Several sessions on one stream"); the
+    cursor comes back as ``Last-Event-ID`` (or the ``lastEventId`` query
+    parameter), up to the length of a cursor of
+    ``max_sessions_per_subscription`` sessions. A cursor that is too long,
+    malformed or of other sessions opens with a ``gap`` event per session.
+
+    Answers: 400 when no session is named, one is named twice or is not a
+    valid session id, or more than ``max_sessions_per_subscription`` are
+    named; 403 when `authorize` says no for any of them; 200 with a jittered
+    ``retry:`` and ``Retry-After`` when a limit is reached.
+
+    Args:
+        broadcaster: the broadcaster to subscribe to; run it with `lifespan`.
+        authorize: ``authorize(request, session_id)``, sync or async, called
+            for each session with a Starlette `Request`; one False answers 403.
+        query_param: the query parameter naming the sessions, repeated.
+        flush_window: seconds a burst of events is held so that more of them
+            join one write (this stream's own window); 0 writes at once.
+
+    Raises:
+        ValueError: `flush_window` is negative, infinite or NaN.
+    """
+    return SSEMultiEndpoint(
+        broadcaster, authorize=authorize, query_param=query_param, flush_window=flush_window
+    )
+
+
 class EventSourceResponse(Response):
     """A Starlette / FastAPI response streaming Server-Sent Events; return it from a handler.
 
@@ -143,7 +243,8 @@ class EventSourceResponse(Response):
 
     `source` and the options are those of `sse_broadcaster.asgi.EventSourceResponse`,
     which this wraps: a `Subscription` or an async iterable of `Event`
-    objects, dicts or strings; per-response ping, send timeout, retry,
+    objects, dicts or strings; a `MultiSubscription` (several sessions on
+    one stream, see docs/replay.md); per-response ping, send timeout, retry,
     headers and status. ``response_class=EventSourceResponse`` documents the
     route as ``text/event-stream`` in FastAPI's OpenAPI schema. `background`
     runs after the stream ends, as for any Starlette response.
