@@ -53,6 +53,10 @@ FLUSH_WINDOW = 0.001
 Outcome = Literal["ended", "disconnected", "timeout", "shutdown"]
 
 _PING = encode_comment("ping")
+# One write joins at most this many bytes (or one larger event): a 30 MB replay
+# is 64 KiB writes, each waiting for the client, not one 30 MB bytes object
+# buffered whole by the server's transport (issue #10).
+WRITE_CHUNK = 65_536
 # Writes closer together than this many flush windows count as a burst.
 _BURST_WINDOWS = 5
 
@@ -259,7 +263,9 @@ async def run_stream(
 ) -> Outcome:
     """Write the subscription's events to a client until one side ends.
 
-    Each wake-up drains everything queued and sends it in one write. The
+    Each wake-up drains everything queued and sends it in one write, of at
+    most `WRITE_CHUNK` bytes (or one larger event; a replay, or a backlog
+    larger than that, is several writes). The
     registry's watchdog (one timer for all its streams, see `StreamRegistry`)
     has ``: ping`` sent after every ``keepalive_interval`` of silence and ends
     the stream when a write cannot finish within ``send_timeout``. No lock, no
@@ -299,7 +305,7 @@ async def run_stream(
                     gate.last_write = writer.last_write
             while True:
                 try:
-                    batch = await subscription.receive_batch()
+                    batch = await subscription.receive_batch(max_bytes=WRITE_CHUNK)
                 except (anyio.EndOfStream, anyio.ClosedResourceError):
                     return
                 except SlowSubscriberError:
@@ -318,9 +324,12 @@ async def run_stream(
                 if (
                     gate.last_event is not batch[-1]
                     and time.monotonic() - gate.last_write < burst_gap
+                    and not subscription.queued  # a full chunk waits for nothing
                 ):
                     await gate.wait(flush_window)
-                    batch += subscription.drain_nowait()
+                    room = WRITE_CHUNK - sum([len(event._wire) for event in batch])
+                    if room > 0:
+                        batch += subscription.drain_nowait(max_bytes=room)
                 await writer.write(_join(batch))
                 gate.last_write = writer.last_write
                 gate.last_event = batch[-1]

@@ -171,7 +171,9 @@ def wait_open(port: int, count: int, limit: float = 60) -> float:
     return time.monotonic() - start
 
 
-def run(adapter: str, events: int, size: int, readers: int, silent: int, send_timeout: float) -> dict[str, Any]:
+def run(
+    adapter: str, events: int, size: int, readers: int, silent: int, send_timeout: float
+) -> dict[str, Any]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
