@@ -132,8 +132,9 @@ async def test_a_replay_overtaken_by_eviction_ends_with_a_gap_never_a_hole() -> 
                 await broadcaster.publish("room", f"new {i}")
 
             async def receive_all() -> None:
-                while True:
-                    got.append(await sub.receive())
+                with anyio.fail_after(5):  # before the fix: every event, then waits forever
+                    while True:
+                        got.append(await sub.receive())
 
             with pytest.raises(GapError, match=r"fell behind its history: event \w+-4 was evicted"):
                 await receive_all()
