@@ -26,6 +26,7 @@ from ._errors import (
 )
 from ._event import Event, encode_comment
 from ._multi import UNKNOWN_POSITION, max_cursor_length
+from ._streams import WRITE_CHUNK
 
 if TYPE_CHECKING:
     from ._config import BroadcasterConfig
@@ -179,11 +180,12 @@ def prelude(
     subscription: Subscription,
     last_event_id: LastEventId,
 ) -> bytes:
-    """What a stream starts with: ``retry:``, the ``gap`` event, then the replay."""
+    """What a stream starts with: ``retry:``, the ``gap`` event, then the replay's first chunk."""
     parts: list[bytes] = [retry_field(retry_ms)]
     if subscription.gap or last_event_id.rejected:
         parts.append(gap_event(subscription.session_id, last_event_id, subscription.replayed))
-    parts.extend(event.encode() for event in subscription.drain_nowait())
+    # The replay's first chunk only: the pump writes the rest in bounded writes.
+    parts.extend(event.encode() for event in subscription.drain_nowait(max_bytes=WRITE_CHUNK))
     return b"".join(parts)
 
 

@@ -225,12 +225,21 @@ class MultiSubscription:
                         other._end(None)
                 return
 
-    def drain_nowait(self, max_events: int | None = None) -> list[Event]:
-        """Every queued event of all sessions (at most `max_events`), maybe none; never raises."""
+    def drain_nowait(
+        self, max_events: int | None = None, max_bytes: int | None = None
+    ) -> list[Event]:
+        """Every queued event of all sessions (at most `max_events`), maybe none; never raises.
+
+        `max_bytes` bounds what each session gives (its replay is taken out of
+        history in chunks, as `Subscription.drain_nowait` does), so one call
+        returns at most about ``max_bytes`` times the number of sessions.
+        """
         if self._ended is None and self._state == _OPEN:
             self._check_ended()
         if max_events is None:
-            parts = [taken for sub in self._subs if (taken := sub.drain_nowait())]
+            parts = [
+                taken for sub in self._subs if (taken := sub.drain_nowait(max_bytes=max_bytes))
+            ]
             if not parts:
                 return []
             # heapq.merge keeps each session's order whatever its timestamps are.
@@ -242,14 +251,9 @@ class MultiSubscription:
                 best: Subscription | None = None
                 best_time = 0.0
                 for sub in subs:
-                    batch = sub._batch
-                    if batch:
-                        head = batch[0]
-                    else:
-                        inbox = sub._inbox
-                        if inbox is None or not inbox.items:
-                            continue
-                        head = inbox.items[0]
+                    head = sub._peek()
+                    if head is None:
+                        continue
                     if best is None or head.timestamp < best_time:
                         best, best_time = sub, head.timestamp
                 if best is None:
@@ -308,8 +312,12 @@ class MultiSubscription:
             self._finish()
             await self._wait()
 
-    async def receive_batch(self, max_events: int | None = None) -> list[Event]:
+    async def receive_batch(
+        self, max_events: int | None = None, max_bytes: int | None = None
+    ) -> list[Event]:
         """Every queued event of every session (at most `max_events`), waiting for one.
+
+        `max_bytes` bounds each session's share, as in `drain_nowait`.
 
         Raises:
             ValueError: `max_events` is less than 1 (it could never return).
@@ -317,7 +325,7 @@ class MultiSubscription:
         if max_events is not None and max_events < 1:
             raise ValueError(f"max_events must be None or >= 1, got {max_events!r}")
         while True:
-            events = self.drain_nowait(max_events)
+            events = self.drain_nowait(max_events, max_bytes)
             if events:
                 return events
             self._finish()

@@ -359,12 +359,17 @@ class _UntilEnd(Subscription):
         self._check_done()
         return self._cut([await super().receive()])[0]
 
-    async def receive_batch(self, max_events: int | None = None) -> list[Event]:
+    async def receive_batch(
+        self, max_events: int | None = None, max_bytes: int | None = None
+    ) -> list[Event]:
         self._check_done()
-        return await super().receive_batch(max_events)  # it drains through drain_nowait
+        # It drains through drain_nowait, which cuts after the end marker.
+        return await super().receive_batch(max_events, max_bytes)
 
-    def drain_nowait(self, max_events: int | None = None) -> list[Event]:
-        return self._cut(super().drain_nowait(max_events))
+    def drain_nowait(
+        self, max_events: int | None = None, max_bytes: int | None = None
+    ) -> list[Event]:
+        return self._cut(super().drain_nowait(max_events, max_bytes))
 
     async def __anext__(self) -> Event:
         try:

@@ -148,7 +148,12 @@ class IterableSource:
             self._done = True
             self._wake()
 
-    async def receive_batch(self) -> list[Event]:
+    @property
+    def queued(self) -> int:
+        return len(self._items)
+
+    async def receive_batch(self, *, max_bytes: int | None = None) -> list[Event]:
+        # One item at a time is handed over: it is the bound, whatever max_bytes.
         while True:
             if self._items:
                 return self.drain_nowait()
@@ -160,7 +165,7 @@ class IterableSource:
             wakeup = self._wakeup = anyio.Event()
             await wakeup.wait()
 
-    def drain_nowait(self) -> list[Event]:
+    def drain_nowait(self, *, max_bytes: int | None = None) -> list[Event]:
         batch, self._items = self._items, []
         if batch and self._taken is not None:
             self._taken.set()
@@ -307,11 +312,15 @@ class MultiSource:
             framed.append(_framed(event, f"{head}data: {data}\n\n".encode()))
         return framed
 
-    async def receive_batch(self) -> list[Event]:
-        return self.frame(await self.multi.receive_batch())
+    @property
+    def queued(self) -> int:
+        return self.multi.queued
 
-    def drain_nowait(self) -> list[Event]:
-        return self.frame(self.multi.drain_nowait())
+    async def receive_batch(self, *, max_bytes: int | None = None) -> list[Event]:
+        return self.frame(await self.multi.receive_batch(max_bytes=max_bytes))
+
+    def drain_nowait(self, *, max_bytes: int | None = None) -> list[Event]:
+        return self.frame(self.multi.drain_nowait(max_bytes=max_bytes))
 
     def _interrupt(self) -> None:
         self.multi._interrupt()

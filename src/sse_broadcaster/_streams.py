@@ -58,6 +58,10 @@ Outcome = Literal["ended", "disconnected", "timeout", "shutdown"]
 
 #: The keep-alive comment sent after ``keepalive_interval`` of silence.
 PING = encode_comment("ping")
+# One write joins at most this many bytes (or one larger event): a 30 MB replay
+# is 64 KiB writes, each waiting for the client, not one 30 MB bytes object
+# buffered whole by the server's transport (issue #10).
+WRITE_CHUNK = 65_536
 # Writes closer together than this many flush windows count as a burst.
 _BURST_WINDOWS = 5
 
@@ -74,15 +78,23 @@ class StreamSource(Protocol):
         """The key of the flush window's per-session gate, and the name in logs."""
         ...
 
-    async def receive_batch(self) -> list[Event]:
+    @property
+    def queued(self) -> int:
+        """Events ready to be taken now."""
+        ...
+
+    async def receive_batch(self, *, max_bytes: int | None = None) -> list[Event]:
         """Every queued event, waiting for one; ``[]`` once after `_interrupt`.
+
+        `max_bytes` bounds what one call returns (one event at least, however
+        large) where the source can hold more than that at once.
 
         Raises anyio.EndOfStream (or a `BroadcasterError`) when no more will come.
         """
         ...
 
-    def drain_nowait(self) -> list[Event]:
-        """Every queued event, possibly none; never raises."""
+    def drain_nowait(self, *, max_bytes: int | None = None) -> list[Event]:
+        """Every queued event (within `max_bytes`), possibly none; never raises."""
         ...
 
     def _interrupt(self) -> None:
@@ -309,7 +321,9 @@ async def run_stream(
 ) -> Outcome:
     """Write the source's events to a client until one side ends.
 
-    Each wake-up drains everything queued and sends it in one write. The
+    Each wake-up drains everything queued and sends it in one write, of at
+    most `WRITE_CHUNK` bytes (or one larger event; a replay, or a backlog
+    larger than that, is several writes). The
     registry's watchdog (one timer for all its streams, see `StreamRegistry`)
     has `ping` sent after every `keepalive` seconds of silence and ends the
     stream when a write cannot finish within `send_timeout` seconds. No lock, no
@@ -347,7 +361,7 @@ async def run_stream(
                     gate.last_write = writer.last_write
             while True:
                 try:
-                    batch = await subscription.receive_batch()
+                    batch = await subscription.receive_batch(max_bytes=WRITE_CHUNK)
                 except (anyio.EndOfStream, anyio.ClosedResourceError):
                     return
                 except SlowSubscriberError:
@@ -366,9 +380,12 @@ async def run_stream(
                 if (
                     gate.last_event is not batch[-1]
                     and time.monotonic() - gate.last_write < burst_gap
+                    and not subscription.queued  # a full chunk waits for nothing
                 ):
                     await gate.wait(flush_window)
-                    batch += subscription.drain_nowait()
+                    room = WRITE_CHUNK - sum([len(event._wire) for event in batch])
+                    if room > 0:
+                        batch += subscription.drain_nowait(max_bytes=room)
                 await writer.write(_join(batch))
                 gate.last_write = writer.last_write
                 gate.last_event = batch[-1]

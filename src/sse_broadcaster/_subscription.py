@@ -2,14 +2,14 @@ from __future__ import annotations
 
 import weakref
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import anyio
 from typing_extensions import Self
 
-from ._errors import SlowSubscriberError
+from ._errors import GapError, SlowSubscriberError
 from ._event import Event
 from ._lowlevel import Parker, make_parker
 from ._types import OverflowPolicy
@@ -21,6 +21,54 @@ __all__ = ["Subscription"]
 
 # Life cycle of a subscription.
 _NEW, _OPEN, _ENDING, _CLOSED = 0, 1, 2, 3
+
+#: At most this many encoded bytes of a replay are taken out of history at once
+#: (or one event, when it is larger): a replay is read as it is sent, never held whole.
+REPLAY_CHUNK = 65_536
+
+
+@runtime_checkable
+class ReplayCursor(Protocol):
+    """A replay that a backend reads out of its history as the subscriber takes it.
+
+    A backend's `Replay.events` may be one (the in-memory backend's is): the
+    subscription then holds a position in history, not the events, and takes
+    them chunk by chunk. Any other sequence is held as references and released
+    as it is taken.
+    """
+
+    def __len__(self) -> int:
+        """Events not taken yet."""
+
+    def take(self, max_bytes: int) -> list[Event]:
+        """The next events, at most `max_bytes` encoded bytes but at least one; [] at the end.
+
+        Raises:
+            GapError: events of the replay left history before they were taken.
+        """
+
+
+class _SequenceCursor:
+    """A replay the backend handed over whole: references, dropped as they are taken."""
+
+    __slots__ = ("_events",)
+
+    def __init__(self, events: Sequence[Event]) -> None:
+        self._events = deque(events)
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def take(self, max_bytes: int) -> list[Event]:
+        events = self._events
+        taken: list[Event] = []
+        size = 0
+        while events:
+            size += len(events[0]._wire)
+            if taken and size > max_bytes:
+                break
+            taken.append(events.popleft())
+        return taken
 
 
 class _Owner(Protocol):
@@ -81,9 +129,13 @@ class Subscription:
                 ...
 
     The queue holds at most ``max_queue_size`` live events and
-    ``max_queue_bytes`` encoded bytes; replayed events come from history, which
-    already holds them, and do not count against these bounds, nor do events
-    the consumer has already taken out of the queue to iterate them. When the queue
+    ``max_queue_bytes`` encoded bytes. A replay is not queued: it is taken out
+    of history in chunks of at most ``min(REPLAY_CHUNK, max_queue_bytes)``
+    bytes (or one event) as the consumer receives it, so a subscriber holds
+    at most that much of it; if history evicts events of the replay before
+    they are taken, the subscription ends with `GapError` at that point (no
+    later event is delivered past the hole). Events the consumer has already
+    taken out of the queue to iterate them do not count against the bounds. When the queue
     is full the broadcaster's overflow policy applies. The broadcaster holds the
     subscription only through a weak reference: one that is dropped without
     being closed is collected, and the next sweep counts it.
@@ -92,7 +144,9 @@ class Subscription:
     __slots__ = (
         "__weakref__",
         "_batch",
+        "_chunk",
         "_error",
+        "_held",
         "_inbox",
         "_interrupted",
         "_max_bytes",
@@ -101,6 +155,7 @@ class Subscription:
         "_parker",
         "_policy",
         "_ref",
+        "_replay",
         "_state",
         "_waiting",
         "dropped",
@@ -134,6 +189,11 @@ class Subscription:
         self._max_bytes = config.max_queue_bytes
         self._policy = config.overflow_policy
         self._batch: deque[Event] | None = None
+        self._replay: ReplayCursor | None = None
+        self._chunk = min(REPLAY_CHUNK, self._max_bytes)
+        # Live events queued when the subscription ended with its replay unfinished:
+        # they come after it.
+        self._held: deque[Event] | None = None
         self._parker: Parker | None = None
         self._waiting = False
         self._interrupted = False
@@ -156,6 +216,8 @@ class Subscription:
         """Events waiting to be received (replayed and live)."""
         inbox = self._inbox
         live = len(inbox.items) if inbox is not None and inbox.items else 0
+        if self._replay is not None:
+            live += len(self._replay) + (len(self._held) if self._held else 0)
         return live + (len(self._batch) if self._batch else 0)
 
     @property
@@ -171,11 +233,10 @@ class Subscription:
     # apply to ``_inbox.items``: what the consumer has taken is in its hands, like
     # a read buffer, so a subscriber holds at most two queues' worth.
 
-    def _start(self, replay: Iterable[Event], gap: bool, position: str | None = None) -> None:
-        replayed = deque(replay)
-        if replayed:
-            self._batch = replayed
-            self.replayed = len(replayed)
+    def _start(self, replay: Sequence[Event], gap: bool, position: str | None = None) -> None:
+        if replay:
+            self._replay = replay if isinstance(replay, ReplayCursor) else _SequenceCursor(replay)
+            self.replayed = len(replay)
         self.gap = gap
         self.position = position
         if self._state == _NEW:
@@ -226,7 +287,9 @@ class Subscription:
             inbox = self._inbox
             if inbox is not None and inbox.items:
                 # The consumer drains what was queued; the producer's side closes.
-                if self._batch:
+                if self._replay is not None:
+                    self._held = inbox.items
+                elif self._batch:
                     self._batch.extend(inbox.items)
                 else:
                     self._batch = inbox.items
@@ -251,10 +314,58 @@ class Subscription:
 
     # -- consumer side -----------------------------------------------------------------
 
+    def _refill(self) -> deque[Event] | None:
+        """The replay's next chunk as the batch; None once the replay is over."""
+        replay = self._replay
+        assert replay is not None
+        try:
+            chunk = replay.take(self._chunk)
+        except GapError as exc:
+            # Events after the hole would move the client's Last-Event-ID past it:
+            # deliver none, end here, and the client's reconnection is told of the gap.
+            self._replay = self._held = self._batch = None
+            inbox = self._inbox
+            if inbox is not None and inbox.items:
+                inbox.items.clear()
+                inbox.bytes = 0
+            if self._state == _ENDING:
+                self._error = exc
+            self._end(exc)
+            return None
+        if not chunk:
+            self._replay = None
+            held, self._held = self._held, None
+            if held:
+                self._batch = held
+            return self._batch
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = deque(chunk)
+        else:
+            batch.extend(chunk)
+        return batch
+
+    def _peek(self) -> Event | None:
+        """The event `_pop` would return next, left in place (the replay's next
+        chunk is taken out of history for it). `MultiSubscription` merges with it."""
+        batch = self._batch
+        if not batch and self._replay is not None:
+            batch = self._refill()
+        if batch:
+            return batch[0]
+        inbox = self._inbox
+        if inbox is not None and inbox.items:
+            return inbox.items[0]
+        return None
+
     def _pop(self) -> Event | None:
         batch = self._batch
         if batch:
             return batch.popleft()
+        if self._replay is not None:
+            batch = self._refill()
+            if batch:
+                return batch.popleft()
         inbox = self._inbox
         if inbox is not None:
             items = inbox.items
@@ -310,18 +421,24 @@ class Subscription:
             self._finish()
             await self._wait()
 
-    async def receive_batch(self, max_events: int | None = None) -> list[Event]:
+    async def receive_batch(
+        self, max_events: int | None = None, max_bytes: int | None = None
+    ) -> list[Event]:
         """Every queued event (at most `max_events`), waiting until there is one.
 
-        Adapters use this to write what accumulated in one go.
+        Adapters use this to write what accumulated in one go; `max_bytes`
+        bounds the encoded bytes returned (one event is returned even when it
+        is larger), so that one write never joins megabytes.
 
         Raises:
-            ValueError: `max_events` is less than 1 (it could never return).
+            ValueError: `max_events` or `max_bytes` is less than 1 (it could never return).
         """
         if max_events is not None and max_events < 1:
             raise ValueError(f"max_events must be None or >= 1, got {max_events!r}")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"max_bytes must be None or >= 1, got {max_bytes!r}")
         while True:
-            batch = self.drain_nowait(max_events)
+            batch = self.drain_nowait(max_events, max_bytes)
             if batch:
                 return batch
             self._finish()
@@ -330,25 +447,53 @@ class Subscription:
                 return batch
             await self._wait()
 
-    def drain_nowait(self, max_events: int | None = None) -> list[Event]:
-        """Every queued event (at most `max_events`), possibly none; never raises."""
-        if max_events is None:
+    def drain_nowait(
+        self, max_events: int | None = None, max_bytes: int | None = None
+    ) -> list[Event]:
+        """Every queued event (at most `max_events`, and `max_bytes` encoded bytes
+        but at least one event), possibly none; never raises.
+        """
+        inbox = self._inbox
+        if (
+            max_events is None
+            and self._replay is None
+            and (
+                max_bytes is None
+                or (not self._batch and (inbox is None or inbox.bytes <= max_bytes))
+            )
+        ):
+            # Live events only, under the byte cap: all of them, in one go.
             taken: list[Event] = []
             if self._batch:
                 taken.extend(self._batch)
                 self._batch.clear()
-            inbox = self._inbox
             if inbox is not None and inbox.items:
                 taken.extend(inbox.items)
                 inbox.items.clear()
                 inbox.bytes = 0
             return taken
         taken = []
-        while len(taken) < max_events:
-            event = self._pop()
-            if event is None:
+        size = 0
+        while max_events is None or len(taken) < max_events:
+            batch = self._batch
+            if not batch:
+                event = self._pop()  # refills the batch from the replay or the inbox
+                if event is None:
+                    break
+                size += len(event._wire)
+                if taken and max_bytes is not None and size > max_bytes:
+                    # Put it back: it starts the next call.
+                    batch = self._batch
+                    if batch is None:
+                        batch = self._batch = deque()
+                    batch.appendleft(event)
+                    break
+                taken.append(event)
+                continue
+            size += len(batch[0]._wire)
+            if taken and max_bytes is not None and size > max_bytes:
                 break
-            taken.append(event)
+            taken.append(batch.popleft())
         return taken
 
     async def _wait(self) -> None:
@@ -417,4 +562,4 @@ class Subscription:
         if inbox is not None:
             inbox.items = None
             inbox.bytes = 0
-        self._batch = None
+        self._batch = self._held = self._replay = None

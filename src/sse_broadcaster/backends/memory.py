@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import secrets
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
-from .._errors import BroadcasterClosedError, EventTooLargeError, SessionLimitError
+from .._errors import BroadcasterClosedError, EventTooLargeError, GapError, SessionLimitError
 from .._event import Event, make_event
 from .._run_store import MemoryRunStore
 from ._base import BackendCounts, BackendHub, Replay, SweepResult
@@ -53,6 +53,78 @@ class _Session:
         self.pinned = False
         self.unindexed = 0
         self.run_bytes = 0
+
+
+class _HistoryCursor(Sequence[Event]):
+    """A replay as a window of its session's history (``n`` from `start` to `end`).
+
+    Holds the session and two numbers, not the events: a subscriber takes them
+    out of history chunk by chunk (`take`) as it sends them, so N replays of
+    a large history cost N cursors, not N copies or N lists.
+    """
+
+    __slots__ = ("_end", "_history", "_next", "_session")
+
+    def __init__(self, session: _Session, start: int, end: int) -> None:
+        self._session = session
+        # The deque itself: a closed session's is left to its pending replays.
+        self._history = session.history
+        self._next = start
+        self._end = end
+
+    def __len__(self) -> int:
+        return max(0, self._end - self._next + 1)
+
+    @overload
+    def __getitem__(self, index: int) -> Event: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Event]: ...
+    def __getitem__(self, index: int | slice) -> Event | list[Event]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("replay index out of range")
+        history = self._history
+        position = self._next + index - (self._session.seq - len(history) + 1)
+        if position < 0:
+            raise IndexError("the event left history")
+        return history[position]
+
+    def __iter__(self) -> Iterator[Event]:
+        history = self._history
+        first = self._session.seq - len(history) + 1
+        start = max(self._next - first, 0)
+        return islice(history, start, max(self._end - first + 1, start))
+
+    def take(self, max_bytes: int) -> list[Event]:
+        """The next events, at most `max_bytes` encoded bytes but at least one; [] at the end.
+
+        Raises:
+            GapError: the next event was evicted (by count, bytes) before it was taken.
+        """
+        if self._next > self._end:
+            return []
+        session = self._session
+        history = self._history
+        first = session.seq - len(history) + 1
+        if self._next < first:
+            missing = self._next
+            self._next = self._end + 1
+            raise GapError(
+                f"replay of session {session.id!r} fell behind its history: event "
+                f"{session.epoch}-{missing} was evicted before it was sent"
+            )
+        taken: list[Event] = []
+        size = 0
+        for event in islice(history, self._next - first, self._end - first + 1):
+            size += len(event._wire)
+            if taken and size > max_bytes:
+                break
+            taken.append(event)
+        self._next += len(taken)
+        return taken
 
 
 class MemoryBackend:
@@ -183,7 +255,8 @@ class MemoryBackend:
         self._events -= len(session.history)
         self._bytes -= session.bytes
         self._run_bytes -= session.run_bytes
-        session.history.clear()
+        # A new deque, not clear(): replays still pending read the old one (_HistoryCursor).
+        session.history = deque()
         session.bytes = session.run_bytes = session.unindexed = 0
         self._maybe_compact()
 
@@ -265,8 +338,9 @@ class MemoryBackend:
         return first + skip, list(islice(history, skip, None))
 
     def _after(self, session: _Session, last_event_id: str | None) -> Replay:
+        """The replay after `last_event_id`: a cursor over history, no copy of it."""
         hub = self._require_hub()
-        first, events = self._retained(session, hub.clock())
+        first, _ = self._retained(session, hub.clock())
         if last_event_id is None:
             return Replay((), False)
         epoch, sep, n_text = last_event_id.rpartition("-")
@@ -279,10 +353,10 @@ class MemoryBackend:
         ):
             n = int(n_text)
             if first - 1 <= n <= session.seq:
-                return Replay(list(islice(events, n - first + 1, None)), False)
+                return Replay(_HistoryCursor(session, n + 1, session.seq), False)
         # Unknown, malformed, from another epoch, ahead of us, or older than what is
         # retained: events may have been lost. Replay everything still retained.
-        return Replay(list(events), True)
+        return Replay(_HistoryCursor(session, first, session.seq), True)
 
     # -- Backend -----------------------------------------------------------------------
 
