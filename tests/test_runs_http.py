@@ -97,9 +97,8 @@ async def serve(adapter: str, broadcaster: EventBroadcaster) -> AsyncIterator[ht
     else:
         app = _asgi_app(broadcaster) if adapter == "asgi" else _starlette_app(broadcaster)
         server = run_uvicorn(app)
-    async with server as running:
-        async with httpx.AsyncClient(base_url=running.base_url, timeout=10) as client:
-            yield client
+    async with server as running, httpx.AsyncClient(base_url=running.base_url, timeout=10) as client:
+        yield client
 
 
 async def tokens(count: int, gate: anyio.Event | None = None, at: int = 0) -> AsyncIterator[Any]:
@@ -369,7 +368,8 @@ async def test_the_fastapi_example_starts_follows_and_cancels() -> None:
             text = "".join(json.loads(e.data)["text"] for e in events if e.type == "token")
             assert text == "You asked: why is the sky blue. Here is a long answer. "
             assert json.loads(events[-1].data)["state"] == "finished"
-            assert (await get(alice, "/runs/r1/events", events[-1].last_event_id)).status_code == 204
+            after_end = await get(alice, "/runs/r1/events", events[-1].last_event_id)
+            assert after_end.status_code == 204
             assert (await alice.post("/runs/r1/cancel")).json() == {"cancelled": False}
 
             # Stop: the follower's stream ends with the cancelled end marker.
