@@ -97,7 +97,10 @@ async def serve(adapter: str, broadcaster: EventBroadcaster) -> AsyncIterator[ht
     else:
         app = _asgi_app(broadcaster) if adapter == "asgi" else _starlette_app(broadcaster)
         server = run_uvicorn(app)
-    async with server as running, httpx.AsyncClient(base_url=running.base_url, timeout=10) as client:
+    async with (
+        server as running,
+        httpx.AsyncClient(base_url=running.base_url, timeout=10) as client,
+    ):
         yield client
 
 
