@@ -390,3 +390,133 @@ async def test_the_fastapi_example_starts_follows_and_cancels() -> None:
             assert json.loads(seen[-1].data)["state"] == "cancelled"
             bad = await alice.post("/runs/r%01/cancel")
             assert bad.status_code == 400
+
+
+# -- the demo's agent run routes (the page itself: tests/test_browser_runs.py) ----------
+
+
+@asynccontextmanager
+async def demo(**options: Any) -> AsyncIterator[tuple[httpx.AsyncClient, EventBroadcaster]]:
+    from sse_broadcaster.demo import create_app
+
+    broadcaster = EventBroadcaster()
+    options = {"ticker_interval": None, "run_tokens": 40, "run_pacing": (0.001, 0.003)} | options
+    app = create_app(broadcaster, **options)
+    async with (
+        run_uvicorn(app) as running,
+        httpx.AsyncClient(base_url=running.base_url, timeout=10) as client,
+    ):
+        yield client, broadcaster
+
+
+def test_simulated_tokens_are_deterministic_per_seed() -> None:
+    from sse_broadcaster.demo.agent import simulated_tokens
+
+    first = simulated_tokens(7, 300)
+    assert first == simulated_tokens(7, 300)
+    assert first != simulated_tokens(8, 300)
+    assert len(first) == 300
+    assert first[-1].endswith(". ")
+    assert all(token.endswith(" ") and token.strip() for token in first)
+    assert simulated_tokens(7, 10)[:9] == first[:9]  # a shorter answer starts the same
+
+
+async def test_simulated_answer_is_paced_and_numbered() -> None:
+    from sse_broadcaster.demo.agent import simulated_answer, simulated_tokens
+
+    start = anyio.current_time()
+    items = [item async for item in simulated_answer(3, 20, (0.01, 0.02))]
+    elapsed = anyio.current_time() - start
+    assert items == [{"i": i, "text": t} for i, t in enumerate(simulated_tokens(3, 20))]
+    assert elapsed >= 20 * 0.01  # never faster than the pacing asks
+
+
+async def test_demo_run_routes_start_follow_and_stop() -> None:
+    from sse_broadcaster.demo.agent import simulated_tokens
+
+    async with demo() as (client, broadcaster):
+        assert (await client.get("/runs/a")).status_code == 404
+        assert (await client.get("/runs/a/events")).status_code == 404
+        assert (await client.post("/runs/a/cancel")).json() == {"cancelled": False}
+
+        started = await client.post("/runs/a", json={"seed": 11})
+        assert started.status_code == 202
+        body = started.json()
+        assert body["seed"] == 11
+        assert body["tokens"] == 40
+        assert body["state"] == "running"
+        again = await client.post("/runs/a", json={"seed": 11})
+        assert again.status_code == 409
+        assert "already has a running run" in again.json()["error"]
+
+        events = parse((await get(client, "/runs/a/events")).content)
+        tokens = [json.loads(e.data) for e in events if e.type == "token"]
+        assert tokens == [{"i": i, "text": t} for i, t in enumerate(simulated_tokens(11, 40))]
+        state = (await client.get("/runs/a")).json()
+        assert state["state"] == "finished"
+        assert state["events"] == 40
+        assert state["endEventId"] == events[-1].last_event_id
+        assert (await get(client, "/runs/a/events", state["endEventId"])).status_code == 204
+
+        # A random seed when none is asked for; the session is apart from the rooms.
+        other = await client.post("/runs/b")
+        assert other.status_code == 202
+        assert 0 <= other.json()["seed"] <= 2**32 - 1
+        assert (await client.post("/runs/b/cancel")).json() == {"cancelled": True}
+        info = await broadcaster.run_info("run:b")
+        assert info is not None
+        assert info.state is RunState.CANCELLED
+        page = await client.get("/run")
+        assert page.status_code == 200
+        assert 'content="agent"' in page.text
+        assert not re.search(r'(src|href)="(https?:)?//', page.text)
+        assert "new EventSource(" in (await client.get("/static/run.js")).text
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        pytest.param(b'{"seed": -1}', 400, "seed must be an integer in 0..4294967295, got -1"),
+        pytest.param(b'{"seed": 1.5}', 400, "seed must be an integer", id="float"),
+        pytest.param(b'{"seed": true}', 400, "seed must be an integer", id="bool"),
+        pytest.param(b'{"seed": 1, "x": 2}', 400, 'the body takes only {"seed": n}', id="key"),
+        pytest.param(b"[1]", 400, 'the body takes only {"seed": n}', id="array"),
+        pytest.param(b"{", 400, "malformed JSON body", id="malformed"),
+        pytest.param(b"\xff", 400, "malformed JSON body", id="not-utf8"),
+        pytest.param(b" " * 1025, 413, "request body is larger than 1024 bytes", id="large"),
+    ],
+)
+async def test_demo_run_start_refuses_bad_bodies(body: bytes, status: int, message: str) -> None:
+    async with demo() as (client, broadcaster):
+        answer = await client.post("/runs/a", content=body)
+        assert answer.status_code == status
+        assert answer.json()["error"].startswith(message)
+        assert await broadcaster.run_info("run:a") is None  # nothing started
+
+
+async def test_demo_run_routes_refuse_bad_names_and_other_origins() -> None:
+    async with demo() as (client, broadcaster):
+        for method, path in (
+            ("POST", "/runs/a%01"),
+            ("GET", "/runs/a%01"),
+            ("GET", "/runs/a%01/events"),
+            ("POST", "/runs/a%01/cancel"),
+        ):
+            answer = await client.request(method, path)
+            assert answer.status_code == 400, path
+            assert answer.json()["error"].startswith("invalid run name: session_id must not")
+        evil = {"Origin": "http://evil.example"}
+        for path in ("/runs/a", "/runs/a/cancel"):
+            answer = await client.post(path, headers=evil)
+            assert answer.status_code == 403
+            assert answer.json()["error"].startswith("cross-origin POST refused")
+        assert await broadcaster.run_info("run:a") is None
+
+
+def test_demo_checks_the_run_options() -> None:
+    from sse_broadcaster.demo import create_app
+
+    with pytest.raises(ValueError, match=r"run_tokens must be an int in 1\.\.10000, got 0"):
+        create_app(run_tokens=0)
+    with pytest.raises(ValueError, match=r"run_pacing must be \(low, high\)"):
+        create_app(run_pacing=(0.5, 0.1))
