@@ -95,7 +95,7 @@ async def simulated_answer(
         await anyio.sleep(pace.uniform(low, high))
         yield {"i": i, "text": token}
         if token.endswith(". "):
-            await anyio.sleep(pace.uniform(2 * high, 4 * high))  # a pause between sentences
+            await anyio.sleep(pace.uniform(high, 2 * high))  # a pause between sentences
 
 
 def run_session(name: str) -> str:
