@@ -520,3 +520,25 @@ def test_demo_checks_the_run_options() -> None:
         create_app(run_tokens=0)
     with pytest.raises(ValueError, match=r"run_pacing must be \(low, high\)"):
         create_app(run_pacing=(0.5, 0.1))
+
+
+@pytest.mark.redis
+async def test_demo_runs_on_a_backend_without_runs_answer_503(redis_server: str) -> None:
+    from sse_broadcaster.demo import create_app
+    from sse_broadcaster.redis import RedisBackend
+
+    broadcaster = EventBroadcaster(backend=RedisBackend(redis_server))
+    app = create_app(broadcaster, ticker_interval=None)
+    async with (
+        run_uvicorn(app) as running,
+        httpx.AsyncClient(base_url=running.base_url, timeout=10) as client,
+    ):
+        for method, path in (
+            ("POST", "/runs/a"),
+            ("GET", "/runs/a"),
+            ("GET", "/runs/a/events"),
+            ("POST", "/runs/a/cancel"),
+        ):
+            answer = await client.request(method, path)
+            assert answer.status_code == 503, path
+            assert "does not support runs" in answer.json()["error"]

@@ -177,19 +177,29 @@ def run_routes(
         session_id = _session_of(request)
         if isinstance(session_id, Response):
             return session_id
-        return await follow_run(broadcaster, session_id, request)
+        try:
+            return await follow_run(broadcaster, session_id, request)
+        except BroadcasterError as exc:  # a backend that keeps no runs
+            return _error(503, str(exc))
 
     async def cancel(request: Request) -> Response:
         session_id = _session_of(request)
         if isinstance(session_id, Response):
             return session_id
-        return JSONResponse({"cancelled": await broadcaster.cancel_run(session_id)})
+        try:
+            cancelled = await broadcaster.cancel_run(session_id)
+        except BroadcasterError as exc:
+            return _error(503, str(exc))
+        return JSONResponse({"cancelled": cancelled})
 
     async def state(request: Request) -> Response:
         session_id = _session_of(request)
         if isinstance(session_id, Response):
             return session_id
-        info = await broadcaster.run_info(session_id)
+        try:
+            info = await broadcaster.run_info(session_id)
+        except BroadcasterError as exc:
+            return _error(503, str(exc))
         if info is None:
             return _error(404, f"no run named {request.path_params['name']!r}")
         return JSONResponse(
