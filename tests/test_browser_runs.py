@@ -41,6 +41,9 @@ TOKENS = 200
 PACING = (0.01, 0.03)  # about 6 s a run: time to reload, open a tab and stop
 # How long the test watches for reconnects after a run's end (retry: is 300 ms).
 QUIET = 3.0
+# The docs' screenshot is rewritten only on request, so a test run leaves the tree clean:
+#   SSE_BROADCASTER_UPDATE_SCREENSHOT=1 pytest tests/test_browser_runs.py
+DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "img" / "agent-run.png"
 
 
 @pytest.fixture
@@ -206,7 +209,7 @@ async def test_reload_tab_drop_and_stop(browser: Any) -> None:
 
 
 async def test_a_finished_run_reloads_as_its_transcript_and_does_not_reconnect(
-    browser: Any,
+    browser: Any, tmp_path: Path
 ) -> None:
     broadcaster = EventBroadcaster(BroadcasterConfig(retry_ms=300))
     async with serve(broadcaster) as url:
@@ -220,7 +223,7 @@ async def test_a_finished_run_reloads_as_its_transcript_and_does_not_reconnect(
                 await anyio.sleep(0.05)
         expected = simulated_tokens(42, TOKENS)
 
-        page = await browser.new_page()
+        page = await browser.new_page(viewport={"width": 1100, "height": 640})
         log = StreamLog(page, "done")
         await page.goto(url + "/run?run=done")
         for load in (1, 2):
@@ -234,3 +237,8 @@ async def test_a_finished_run_reloads_as_its_transcript_and_does_not_reconnect(
             assert log.statuses == [200, 204] * load
             if load == 1:
                 await page.reload()
+        screenshot = tmp_path / "agent-run.png"
+        if os.environ.get("SSE_BROADCASTER_UPDATE_SCREENSHOT") == "1":
+            screenshot = DOCS_SCREENSHOT
+        await page.screenshot(path=str(screenshot), full_page=True)
+        assert screenshot.stat().st_size > 10_000  # a real picture, not a blank page
