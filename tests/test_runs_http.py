@@ -325,13 +325,22 @@ async def test_our_event_source_reads_the_run_once_and_stops_on_204(adapter: str
         assert [e.data for e in received[:40]] == [f'{{"text":"t{i}"}}' for i in range(40)]
 
 
-@pytest.mark.parametrize("adapter", ["starlette", "aiohttp"])
-async def test_head_and_no_run_never_start_anything(adapter: str) -> None:
+@pytest.mark.parametrize("adapter", ADAPTERS)
+async def test_head_and_unknown_ids_never_start_anything(adapter: str) -> None:
     broadcaster = EventBroadcaster()
     async with serve(adapter, broadcaster) as client:
         for _ in range(3):
             assert (await get(client, "/runs/x/events", "1-2")).status_code == 404
-        assert broadcaster.stats()["runs"]["started"] == 0
+        await broadcaster.start_run("h", tokens(3), event="token")
+        transcript = await finished(broadcaster, "h")
+        head = await client.head("/runs/h/events")
+        assert head.status_code == 200
+        assert head.headers["content-type"] == "text/event-stream; charset=utf-8"
+        assert head.content == b""
+        ended = await client.head("/runs/h/events", headers={"Last-Event-ID": transcript[-1].id})
+        assert ended.status_code == 204
+        assert broadcaster.stats()["runs"]["started"] == 1
+        assert broadcaster.stats()["totalSubscribers"] == 0  # HEAD subscribed to nothing
 
 
 # -- the FastAPI example of docs/runs.md --------------------------------------------------
