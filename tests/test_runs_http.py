@@ -551,3 +551,24 @@ async def test_demo_runs_on_a_backend_without_runs_answer_503(redis_server: str)
             answer = await client.request(method, path)
             assert answer.status_code == 503, path
             assert "does not support runs" in answer.json()["error"]
+
+
+async def test_a_cancelled_run_counts_every_item_it_published() -> None:
+    # A cancel lands at the checkpoint right after a publish (the generator never
+    # awaits): the end marker's count must include that item (it used to miss it,
+    # and the Chromium test saw one token more than the run's count).
+    async def forever() -> AsyncIterator[str]:
+        n = 0
+        while True:
+            n += 1
+            yield str(n)
+
+    async with EventBroadcaster() as broadcaster:
+        await broadcaster.start_run("s", forever())
+        await anyio.sleep(0.01)
+        assert await broadcaster.cancel_run("s")
+        history = await broadcaster.history("s")
+        info = await broadcaster.run_info("s")
+        assert info is not None
+        assert info.events == len(history) - 1 == json.loads(history[-1].data)["events"]
+        assert history[-2].data == str(info.events)
