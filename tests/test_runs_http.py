@@ -572,3 +572,28 @@ async def test_a_cancelled_run_counts_every_item_it_published() -> None:
         assert info is not None
         assert info.events == len(history) - 1 == json.loads(history[-1].data)["events"]
         assert history[-2].data == str(info.events)
+
+
+async def test_a_broadcaster_not_running_is_answered_come_back_later() -> None:
+    # run_info raises BroadcasterClosedError: the answer is the usual 200 with a
+    # jittered retry: and Retry-After (a browser comes back), never a 500.
+    from sse_broadcaster.asgi import follow_run
+
+    broadcaster = EventBroadcaster(BroadcasterConfig(retry_ms=1000))  # never entered
+
+    async def app(
+        scope: Message,
+        receive: Callable[[], Awaitable[Message]],
+        send: Callable[[Message], Awaitable[None]],
+    ) -> None:
+        assert scope["type"] == "http"
+        await (await follow_run(broadcaster, "s", scope))(scope, receive, send)
+
+    async with (
+        run_uvicorn(app, lifespan="off") as running,
+        httpx.AsyncClient(base_url=running.base_url, timeout=10) as client,
+    ):
+        answer = await get(client, "/runs/s/events")
+        assert answer.status_code == 200
+        assert 1 <= int(answer.headers["retry-after"]) <= 2
+        assert re.fullmatch(rb"retry: \d+\n\n: .+\n\n", answer.content), answer.content
