@@ -61,7 +61,7 @@ def _n(event_id: str) -> int:
 
 def test_static_files_are_package_data() -> None:
     static = files("sse_broadcaster.demo").joinpath("static")
-    for name in ("index.html", "app.js", "style.css"):
+    for name in ("index.html", "app.js", "style.css", "run.html", "run.js", "run.css"):
         assert static.joinpath(name).is_file(), name
 
 
@@ -641,6 +641,10 @@ async def test_admin_routes_can_be_left_out() -> None:
         "/publish/{room}",
         "/stats",
         "/metrics",
+        "/run",
+        "/runs/{name}",
+        "/runs/{name}/events",
+        "/runs/{name}/cancel",
     }
 
 

@@ -228,9 +228,8 @@ class RunManager:
                         state = RunState.FAILED
                         reason = error = f"item {local.info.events + 1} refused: {exc}"
                         break
-                    # Publishing never yields with the memory backend: let readers drain
-                    # (and a cancel land) between items, as a paced producer would.
-                    await anyio.lowlevel.checkpoint()
+                    # Counted before the checkpoint below: a cancel landing there must
+                    # not leave a published item out of the end marker's count.
                     info = local.info
                     local.info = replace(
                         info,
@@ -245,6 +244,9 @@ class RunManager:
                             f"{config.max_run_events}, max_run_bytes={config.max_run_bytes})"
                         )
                         break
+                    # Publishing never yields with the memory backend: let readers drain
+                    # (and a cancel land) between items, as a paced producer would.
+                    await anyio.lowlevel.checkpoint()
             if local.cancelled or local.scope.cancelled_caught:
                 state = RunState.CANCELLED
         except Exception as exc:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -46,6 +46,7 @@ from ._response import (
     check_status,
     come_back_later_headers,
 )
+from ._run_http import answer_run
 from ._streams import FLUSH_WINDOW, check_flush_window, registry_for
 
 try:
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EventSourceResponse",
     "close_streams",
+    "follow_run",
     "metrics_handler",
     "open_streams",
     "setup",
@@ -369,3 +371,39 @@ def setup(app: web.Application, broadcaster: EventBroadcaster) -> None:
 
     app.on_shutdown.append(end_streams)
     app.cleanup_ctx.append(run_broadcaster)
+
+
+async def follow_run(
+    broadcaster: EventBroadcaster, session_id: str, request: web.Request, **options: Any
+) -> web.StreamResponse:
+    """The response to a ``GET`` following the session's run (docs/runs.md).
+
+    ::
+
+        async def events(request: web.Request) -> web.StreamResponse:
+            return await follow_run(broadcaster, request.match_info["run_id"], request)
+
+    Answers as `sse_broadcaster.starlette.follow_run` does: the rest of the
+    run after ``Last-Event-ID`` (or the ``lastEventId`` query), then live
+    events, ending after its end marker; 204 after the end marker; a ``gap``
+    and an expired ``end`` event for an expired run; 404 without a run; 400
+    for an invalid session id. `options` are those of `EventSourceResponse`.
+
+    Raises:
+        BroadcasterError: the broadcaster's backend keeps no runs.
+    """
+    header = next(
+        (value for name, value in request.raw_headers if name.lower() == b"last-event-id"),
+        None,
+    )
+    last_event_id = parse_last_event_id(header, request.query.get("lastEventId"))
+    answer = await answer_run(broadcaster, session_id, last_event_id)
+    if answer.source is None:
+        if answer.status == 204:
+            return web.Response(status=204, headers={"Cache-Control": "no-cache"})
+        return web.Response(status=answer.status, text=answer.message)
+    if answer.retry is not None:
+        options.setdefault("retry", answer.retry)
+    response = EventSourceResponse(answer.source, **options)
+    response._core.last_event_id = answer.last_event_id
+    return response

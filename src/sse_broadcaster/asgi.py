@@ -39,13 +39,20 @@ from ._response import (
     check_status,
     come_back_later_headers,
 )
+from ._run_http import PlainResponse, answer_run, scope_last_event_id
 from ._shutdown import install_shutdown_hook
 from ._streams import FLUSH_WINDOW, registry_for
 
 if TYPE_CHECKING:
     from ._broadcaster import EventBroadcaster
 
-__all__ = ["EventSourceResponse", "close_streams", "lifespan", "open_streams"]
+__all__ = [
+    "EventSourceResponse",
+    "close_streams",
+    "follow_run",
+    "lifespan",
+    "open_streams",
+]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -236,3 +243,32 @@ def lifespan(
                 registry.close_all()
 
     return _lifespan
+
+
+async def follow_run(
+    broadcaster: EventBroadcaster, session_id: str, scope: Scope, **options: Any
+) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """The ASGI app answering a ``GET`` that follows the session's run (docs/runs.md).
+
+    Reads ``Last-Event-ID`` (or the ``lastEventId`` query) from `scope`:
+    exactly the rest of the run, then live events, ending after its end
+    marker; the whole run without an id; 204 after the end marker (an
+    EventSource stops reconnecting); for an expired run a ``gap`` event and an
+    ``end`` event saying ``"expired": true``; 404 when the session has had no
+    run; 400 for an invalid session id. It never starts a run. `options` are
+    those of `EventSourceResponse`::
+
+        app = await follow_run(broadcaster, run_id, scope)
+        await app(scope, receive, send)
+
+    Raises:
+        BroadcasterError: the broadcaster's backend keeps no runs.
+    """
+    answer = await answer_run(broadcaster, session_id, scope_last_event_id(scope))
+    if answer.source is None:
+        return PlainResponse(answer.status, answer.message)
+    if answer.retry is not None:
+        options.setdefault("retry", answer.retry)
+    response = EventSourceResponse(answer.source, **options)
+    response._core.last_event_id = answer.last_event_id
+    return response

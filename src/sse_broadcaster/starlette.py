@@ -36,7 +36,7 @@ Needs the ``starlette`` extra: ``pip install 'sse-broadcaster[starlette]'``.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from ._adapter import (
@@ -48,6 +48,7 @@ from ._adapter import (
     parse_last_event_id,
 )
 from ._response import ResponseSource
+from ._run_http import answer_run, scope_last_event_id
 from ._streams import FLUSH_WINDOW, check_flush_window, registry_for
 from .asgi import EventSourceResponse as ASGIEventSourceResponse
 from .asgi import Receive, Scope, Send, close_streams, lifespan, open_streams
@@ -55,7 +56,7 @@ from .asgi import Receive, Scope, Send, close_streams, lifespan, open_streams
 try:
     from starlette.background import BackgroundTask
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
+    from starlette.responses import JSONResponse, PlainTextResponse, Response
 except ImportError as exc:  # pragma: no cover - tested by hiding starlette
     raise missing_extra("starlette", exc) from exc
 
@@ -67,6 +68,7 @@ __all__ = [
     "SSEEndpoint",
     "SSEMultiEndpoint",
     "close_streams",
+    "follow_run",
     "lifespan",
     "metrics_endpoint",
     "open_streams",
@@ -376,3 +378,37 @@ async def _plain(
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def follow_run(
+    broadcaster: EventBroadcaster, session_id: str, request: Request, **options: Any
+) -> Response:
+    """The response to a ``GET`` following the session's run (docs/runs.md).
+
+    ::
+
+        @app.get("/runs/{run_id}/events", response_class=EventSourceResponse)
+        async def events(run_id: str, request: Request) -> Response:
+            return await follow_run(broadcaster, run_id, request)
+
+    From the request's ``Last-Event-ID`` (or ``lastEventId`` query): exactly
+    the rest of the run, then live events, ending after its end marker; the
+    whole run without an id; 204 after the end marker (an EventSource stops
+    reconnecting); for an expired run a ``gap`` event and an ``end`` event
+    saying ``"expired": true``; 404 when the session has had no run; 400 for
+    an invalid session id. It never starts a run. `options` are those of
+    `EventSourceResponse`.
+
+    Raises:
+        BroadcasterError: the broadcaster's backend keeps no runs.
+    """
+    answer = await answer_run(broadcaster, session_id, scope_last_event_id(request.scope))
+    if answer.source is None:
+        if answer.status == 204:
+            return Response(status_code=204, headers={"Cache-Control": "no-cache"})
+        return PlainTextResponse(answer.message, status_code=answer.status)
+    if answer.retry is not None:
+        options.setdefault("retry", answer.retry)
+    response = EventSourceResponse(answer.source, **options)
+    response._stream._core.last_event_id = answer.last_event_id
+    return response

@@ -1,8 +1,10 @@
 """The demo server: ``python -m sse_broadcaster.demo``.
 
 A Starlette app (`create_app`) serving one page that follows a room with the
-browser's own ``EventSource``, a form that publishes into it, a ticker, and a
-live stats panel. Needs the ``demo`` extra: ``pip install 'sse-broadcaster[demo]'``.
+browser's own ``EventSource``, a form that publishes into it, a ticker, a
+live stats panel, and an "agent run" page (``/run``) streaming a simulated
+model's answer as a resumable run. Needs the ``demo`` extra:
+``pip install 'sse-broadcaster[demo]'``.
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ from .. import (
     check_session_id,
 )
 from ..starlette import lifespan, metrics_endpoint, sse_endpoint, stats_endpoint
+from .agent import DEFAULT_PACING, DEFAULT_RUN, DEFAULT_RUN_TOKENS, run_routes
 
 __all__ = ["DEFAULT_ROOM", "create_app", "demo_config"]
 
@@ -53,6 +54,8 @@ DEFAULT_ROOM = "lobby"
 _STATIC_TYPES = {
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
+    "run.js": "text/javascript; charset=utf-8",
+    "run.css": "text/css; charset=utf-8",
 }
 _FORM = "application/x-www-form-urlencoded"
 _PUBLISH_FIELDS = frozenset({"data", "event"})
@@ -97,7 +100,8 @@ def _load_static() -> dict[str, bytes]:
     # Read once at start-up through importlib.resources, so the page is found
     # wherever the package is installed (a wheel, an editable install, a zip).
     static = files("sse_broadcaster.demo").joinpath("static")
-    return {name: static.joinpath(name).read_bytes() for name in ("index.html", *_STATIC_TYPES)}
+    pages = ("index.html", "run.html", *_STATIC_TYPES)
+    return {name: static.joinpath(name).read_bytes() for name in pages}
 
 
 class _BadRequest(Exception):
@@ -395,8 +399,10 @@ def create_app(
     room: str = DEFAULT_ROOM,
     admin: bool = True,
     max_body_bytes: int | None = None,
+    run_tokens: int = DEFAULT_RUN_TOKENS,
+    run_pacing: tuple[float, float] = DEFAULT_PACING,
 ) -> Starlette:
-    """The demo app: page, stream, publish, stats, metrics and a ticker.
+    """The demo app: pages, stream, publish, stats, metrics, a ticker and agent runs.
 
     Args:
         broadcaster: the broadcaster to serve; by default a new in-memory one
@@ -410,16 +416,30 @@ def create_app(
             the command line turns them off off loopback).
         max_body_bytes: the largest ``/publish`` body; twice the broadcaster's
             ``max_event_bytes`` by default.
+        run_tokens: tokens of each simulated answer of the ``/run`` page.
+        run_pacing: seconds between two of its tokens, drawn in this range.
 
     Raises:
         ValueError: `room` is not a valid session id, `ticker_interval` is not
-            > 0, or `max_body_bytes` is not >= 1.
+            > 0, `max_body_bytes` is not >= 1, `run_tokens` is not in
+            1..10000, or `run_pacing` is not ``(low, high)`` with 0 <= low <= high <= 10.
     """
     check_session_id(room)
     if ticker_interval is not None and not ticker_interval > 0:
         raise ValueError(f"ticker_interval must be > 0 or None, got {ticker_interval!r}")
     if max_body_bytes is not None and max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1 or None, got {max_body_bytes!r}")
+    if (
+        isinstance(run_tokens, bool)
+        or not isinstance(run_tokens, int)
+        or not 1 <= run_tokens <= 10000
+    ):
+        raise ValueError(f"run_tokens must be an int in 1..10000, got {run_tokens!r}")
+    low, high = run_pacing
+    if not 0 <= low <= high <= 10:
+        raise ValueError(
+            f"run_pacing must be (low, high) with 0 <= low <= high <= 10, got {run_pacing!r}"
+        )
     bcast = broadcaster if broadcaster is not None else EventBroadcaster(demo_config())
     body_limit = max_body_bytes or 2 * bcast.config.max_event_bytes
     static = _load_static()
@@ -428,6 +448,13 @@ def create_app(
     async def index(request: Request) -> Response:
         return Response(
             page, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"}
+        )
+
+    run_page = static["run.html"].replace(b"__DEFAULT_RUN__", DEFAULT_RUN.encode())
+
+    async def agent_page(request: Request) -> Response:
+        return Response(
+            run_page, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"}
         )
 
     async def static_file(request: Request) -> Response:
@@ -477,6 +504,8 @@ def create_app(
         Route("/publish/{room}", publish, methods=["POST"]),
         Route("/stats", stats_endpoint(bcast), methods=["GET"]),
         Route("/metrics", metrics_endpoint(bcast), methods=["GET"]),
+        Route("/run", agent_page, methods=["GET"]),
+        *run_routes(bcast, tokens=run_tokens, pacing=(low, high)),
     ]
     if admin:
         routes += [
