@@ -13,7 +13,9 @@ the request's own async generator. Every generator of a room waits until
   as it can; deliveries/s = C * E / time until the last client holds all E
   (http_e2e.py's `measure_burst`, unchanged);
 - paced (``rate=100``): yields one event every 10 ms, its data stamped with
-  ``time.time()`` when it is yielded; p50 / p99 of receive time minus that
+  the wall time it was due (start + i / rate), so that the wake-up of the
+  generator counts whichever task runs it (sse-starlette runs it in the task
+  that sends, ours in a task of its own); p50 / p99 of receive time minus that
   stamp over every delivery (http_e2e.py's `measure_paced`).
 
 The publish request answers once every generator of the room has finished.
@@ -73,13 +75,18 @@ SESSIONS = 10
 # -- the servers ----------------------------------------------------------------------
 
 
+def stamped(when: float, size: int) -> str:
+    """A paced event's data: the ``@@<time>;`` the clients read, padded to `size`."""
+    head = f"@@{when:.6f};"
+    return head + "x" * max(0, size - len(head))
+
+
 def generator_app(kind: str) -> Any:
     """FastAPI: each request streams its own generator, started by /bench/publish."""
+    from _servers import _query, payload, rss
     from fastapi import FastAPI
     from starlette.requests import Request
     from starlette.responses import JSONResponse
-
-    from _servers import _query, payload, rss
 
     if kind == "gen-ours":
         from sse_broadcaster.starlette import EventSourceResponse
@@ -105,12 +112,14 @@ def generator_app(kind: str) -> Any:
             try:
                 n, rate, size = await asyncio.shield(state.start)
                 if rate > 0:
-                    begin = time.perf_counter()
+                    begin, wall = time.perf_counter(), time.time()
                     for i in range(n):
                         delay = begin + i / rate - time.perf_counter()
                         if delay > 0:
                             await asyncio.sleep(delay)
-                        yield payload(size)
+                        # Stamped with the time the event was due: the wake-up of
+                        # the generator counts, whichever task runs it.
+                        yield stamped(wall + i / rate, size)
                 else:
                     data = payload(size)
                     for _ in range(n):
@@ -153,12 +162,12 @@ def generator_app(kind: str) -> Any:
 def multi_app(flush: float | None) -> Any:
     """Our broadcaster: ``/multi/{a,b,...}`` (one subscribe_many) and ``/events/{id}``."""
     import anyio
+    from _servers import _query, publish_loop, rss
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from _servers import _query, publish_loop, rss
     from sse_broadcaster import BroadcasterConfig, EventBroadcaster
     from sse_broadcaster.starlette import lifespan, sse_endpoint
 
@@ -182,7 +191,9 @@ def multi_app(flush: float | None) -> Any:
                         while True:
                             batch = await multi.receive_batch()
                             body = b"".join(event.encode() for event in batch)
-                            await send({"type": "http.response.body", "body": body, "more_body": True})
+                            await send(
+                                {"type": "http.response.body", "body": body, "more_body": True}
+                            )
                     except (anyio.EndOfStream, anyio.ClosedResourceError, OSError):
                         pass
                     task_group.cancel_scope.cancel()
@@ -198,7 +209,11 @@ def multi_app(flush: float | None) -> Any:
     async def bench_rss(request: Request) -> JSONResponse:
         return JSONResponse({"rss": rss()})
 
-    single = sse_endpoint(broadcaster) if flush is None else sse_endpoint(broadcaster, flush_window=flush)
+    single = (
+        sse_endpoint(broadcaster)
+        if flush is None
+        else sse_endpoint(broadcaster, flush_window=flush)
+    )
     return Starlette(
         routes=[
             Route("/events/{session_id}", single),
@@ -220,7 +235,6 @@ def serve() -> None:
     parser.add_argument("--flush", default="default")
     args = parser.parse_args()
     import uvicorn
-
     from _servers import raise_nofile
 
     raise_nofile()
@@ -347,7 +361,11 @@ def run_multi(args: argparse.Namespace, bar: Any) -> dict[str, Any]:
     }
     ratios = {
         f"{key}: separate / multi": median(
-            [s[key] / m[key] for s, m in zip(runs["separate"], runs["multi"], strict=True) if m[key] > 0]
+            [
+                s[key] / m[key]
+                for s, m in zip(runs["separate"], runs["multi"], strict=True)
+                if m[key] > 0
+            ]
         )
         for key in ("rss_per_client_kb", "cpu_per_client_pct")
     }
