@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import sys
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -118,7 +118,7 @@ async def _read(
     module: types.ModuleType,
     channel: str,
     headers: dict[str, str] | None = None,
-    publish: list[tuple[str, dict[str, str]]] = (),  # type: ignore[assignment]
+    publish: Sequence[tuple[str, dict[str, str]]] = (),
 ) -> list[ServerSentEvent]:
     """Open `path`, post `publish` once subscribed, return the first `count` messages."""
     got: list[ServerSentEvent] = []
