@@ -206,3 +206,37 @@ def test_load_test_smoke() -> None:
         assert _number(row["p95_ms"])
         assert row["failures"] == 0, row
     assert "tests/load_test/load_test.py" in data["command"]
+
+
+def test_bench_responses_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "responses.json"
+    text = _run([str(PERF / "bench_responses.py"), "--smoke", "--json", str(out)])
+    _table(text)
+    data = json.loads(out.read_text())
+    gen = data["generators"]
+    stacks = ["ours", *(["sse-starlette"] if _has("sse_starlette") else [])]
+    assert sorted(gen["burst"]) == sorted(stacks)
+    for stack in stacks:
+        burst = gen["burst"][stack]["5"]
+        assert _finite(burst["deliveries_per_s"])
+        assert burst["deliveries_per_s"] > 0
+        assert burst["complete"] is True
+        paced = gen["paced"][stack]["5"]
+        for key in ("p50_ms", "p99_ms", "received", "server_cpu"):
+            assert _finite(paced[key]), (stack, key, paced)
+    if _has("sse_starlette"):
+        assert _finite(gen["ratios"]["ours / sse-starlette @ C=5"])
+        assert isinstance(gen["p99"]["5"]["no_worse"], bool)
+    multi = data["multi"]
+    assert (multi["clients"], multi["sessions"]) == (5, 10)
+    assert multi["layouts"]["multi"]["connections"] == 5
+    assert multi["layouts"]["separate"]["connections"] == 50
+    for layout in multi["layouts"].values():
+        for key in ("rss_per_client_kb", "cpu_per_client_pct", "p99_ms", "received"):
+            assert _finite(layout[key]), (key, layout)
+        assert layout["received"] > 0
+    assert set(multi["ratios"]) == {
+        "rss_per_client_kb: separate / multi",
+        "cpu_per_client_pct: separate / multi",
+    }
+    assert "bench_responses.py --smoke" in data["command"]

@@ -244,11 +244,16 @@ class Server:
         loop: str = "asyncio",
         flush: float | None = 0.0,
         profile: str | None = None,
+        script: Path = SERVERS,
     ) -> None:
-        """`flush`: our adapters' flush_window; None runs them with their default."""
+        """`flush`: our adapters' flush_window; None runs them with their default.
+
+        `script` serves `kind` with the same command line and routes as
+        _servers.py (``/bench/subscribers``, ``/bench/publish``, ``/events/{room}``).
+        """
         self.kind = kind
         self.port = free_port()
-        cmd = [PY, str(SERVERS), kind, "--port", str(self.port), "--http", http_impl]
+        cmd = [PY, str(script), kind, "--port", str(self.port), "--http", http_impl]
         cmd += ["--loop", loop, "--flush", "default" if flush is None else str(flush)]
         if profile:
             cmd = [PY, "-m", "pyinstrument", "-r", "speedscope", "-o", profile, *cmd[1:]]

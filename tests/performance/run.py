@@ -9,6 +9,8 @@ Benchmarks (each a script of its own, run here as a subprocess):
 - ``seed_scenarios``: the reference document's four scenarios, in-process and over HTTP;
 - ``http_e2e``: C concurrent SSE clients over HTTP, burst and paced, with the ceiling;
 - ``sustained_fanout``: the highest publish rate 1,000 SSE clients receive with p99 <= 50 ms;
+- ``responses``: a request's own generator, ours vs sse-starlette, and one
+  multi-session stream vs 10 streams per client;
 - ``connections``: 10,000 idle SSE connections to one server process;
 - ``memory_soak``: tests/performance/benchmark_sse_memory.py;
 - ``load_test``: locust (tests/load_test/load_test.py) against ``python -m sse_broadcaster.demo``.
@@ -57,6 +59,7 @@ NAMES = [
     "seed_scenarios",
     "http_e2e",
     "sustained_fanout",
+    "responses",
     "connections",
     "memory_soak",
     "load_test",
@@ -80,6 +83,7 @@ def command(name: str, mode: str) -> list[str]:
         "seed_scenarios": "seed_scenarios.py",
         "http_e2e": "http_e2e.py",
         "sustained_fanout": "sustained_fanout.py",
+        "responses": "bench_responses.py",
         "connections": "connections.py",
         "memory_soak": "benchmark_sse_memory.py",
     }[name]
@@ -393,6 +397,24 @@ def targets() -> list[list[str]]:
                 + f" ({stacks[ours]['rate']:g} vs {stacks[peer]['rate']:g} events/s)",
                 None,
             )
+    responses = _load("responses")
+    if responses:
+        gen = responses["generators"]
+        for key, ratio in gen["ratios"].items():
+            add(f"generator burst {key} >= 3x", f"{ratio:.2f}x", ratio >= 3)
+        for c, v in gen["p99"].items():
+            add(
+                f"generator paced p99 ours <= sse-starlette, C={c}",
+                f"{v['ours_ms']:.1f} vs {v['sse_starlette_ms']:.1f} ms",
+                v["no_worse"],
+            )
+        multi = responses["multi"]
+        for key, ratio in multi["ratios"].items():
+            add(
+                f"{multi['clients']} clients x {multi['sessions']} sessions, {key}",
+                "n/a" if ratio != ratio else f"{ratio:.2f}x",
+                None,
+            )
     conns = _load("connections")
     if conns and "ours" in conns["stacks"]:
         r = conns["stacks"]["ours"]
@@ -493,6 +515,20 @@ the lowest rate tried (1/s). Ours (both adapters) runs with the
 shipped defaults, the 1 ms flush window included; `bare` is the ceiling (see
 above). Median of 3 runs; ratios are medians of per-run ratios.
 """
+RESPONSES_TEXT = """
+**Generators**: a FastAPI path operation returns an `EventSourceResponse` over
+the request's own async generator, ours (`sse_broadcaster.starlette`) or
+sse-starlette's, `ping=15` both, on uvicorn (h11, asyncio). Every generator of
+a run starts at once; in burst it yields E strings of 100 bytes as fast as it
+can (E = 1000 for C <= 100, 200 for C = 1000), paced it yields 100 events/s
+stamped with the time of the yield. Measured as in the HTTP end-to-end section,
+with the same clients. **Multi-session**: N clients each follow the same 10
+sessions of our broadcaster, on one connection (`subscribe_many`, streamed by
+a plain ASGI route writing each `receive_batch()`: multi-session responses
+are not part of `EventSourceResponse` yet) or on 10 `sse_endpoint`
+connections, while the 10 sessions get a paced publish; server RSS added and
+server CPU, per client. Each layout runs on a fresh server.
+"""
 CONN_TEXT = """
 N idle SSE streams on one session from 4 client processes, to one server
 process (plain uvicorn, h11). "Added" is (RSS with the streams - RSS after a
@@ -563,6 +599,7 @@ def render(cmdline: str) -> str:
         ("seed_scenarios", "The reference scenarios", SEED_TEXT, []),
         ("http_e2e", "HTTP end to end", E2E_TEXT, ["perf-http-e2e.png"]),
         ("sustained_fanout", "Sustained fan-out", SUSTAINED_TEXT, []),
+        ("responses", "Responses: generators and multi-session streams", RESPONSES_TEXT, []),
         ("connections", "10,000 idle connections", CONN_TEXT, []),
         ("memory_soak", "Memory soak", SOAK_TEXT, ["perf-memory-soak.png"]),
         (
