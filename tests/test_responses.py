@@ -492,7 +492,7 @@ async def test_asgi_core_runs_on_both_loops_and_ends_on_disconnect(anyio_backend
 
     async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
-        if message.get("body") == b"data: t2\n\n":
+        if message.get("body", b"").endswith(b"data: t2\n\n"):
             gone.set()
 
     scope = {"type": "http", "method": "GET", "headers": []}
@@ -501,7 +501,10 @@ async def test_asgi_core_runs_on_both_loops_and_ends_on_disconnect(anyio_backend
     assert probe.closed
     assert sent[0]["status"] == 200
     bodies = [m["body"] for m in sent[1:]]
-    assert bodies == [b"retry: 10\n\n", b"data: t0\n\n", b"data: t1\n\n", b"data: t2\n\n", b""]
+    # Items the generator made while a write was in flight join the next write.
+    assert bodies[0] == b"retry: 10\n\n"
+    assert b"".join(bodies[1:-1]) == b"data: t0\n\ndata: t1\n\ndata: t2\n\n"
+    assert bodies[-1] == b""
 
 
 @pytest.mark.parametrize(
@@ -611,3 +614,45 @@ async def test_asgi_core_streams_a_subscription_on_both_loops(anyio_backend: str
                 gone.set()
         assert broadcaster.subscriber_count("room") == 0
     assert [m.get("body") for m in sent[1:]] == [b"retry: 20\n\n", event.encode(), b""]
+
+
+async def test_a_generator_runs_a_bounded_way_ahead_and_its_items_join_one_write() -> None:
+    from sse_broadcaster._sources import _AHEAD_BYTES, _AHEAD_ITEMS, IterableSource
+
+    pulled = 0
+
+    async def tiny() -> AsyncIterator[str]:
+        nonlocal pulled
+        for i in range(10_000):
+            pulled += 1
+            yield str(i)
+
+    source = IterableSource(tiny())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(source.feed)
+        await anyio.sleep(0.2)  # nobody takes anything: the generator must stop
+        assert pulled == _AHEAD_ITEMS
+        batch = await source.receive_batch()
+        # Everything made meanwhile goes in one write, in order.
+        assert [event.data for event in batch] == [str(i) for i in range(_AHEAD_ITEMS)]
+        await anyio.sleep(0.2)
+        assert pulled == 2 * _AHEAD_ITEMS  # room again, and again bounded
+        tg.cancel_scope.cancel()
+    await source.aclose()
+
+    big = "x" * (_AHEAD_BYTES // 4)
+    pulled = 0
+
+    async def large() -> AsyncIterator[str]:
+        nonlocal pulled
+        while True:
+            pulled += 1
+            yield big
+
+    source = IterableSource(large())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(source.feed)
+        await anyio.sleep(0.2)
+        assert pulled == 4  # the byte bound, well under the item bound
+        tg.cancel_scope.cancel()
+    await source.aclose()

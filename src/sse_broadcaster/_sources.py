@@ -1,12 +1,16 @@
-"""A request's own async iterable as a stream source: one item pulled at a time.
+"""A request's own async iterable as a stream source, pulled a bounded way ahead.
 
-`IterableSource.feed` runs in a task of the stream's task group and hands the
-pump one item at a time through a one-slot hand-off: it pulls the next item
-only once the pump has taken the previous one, so a slow client holds the
-generator back (one item beyond the write in progress and the socket's
-buffers). The pump waits on the slot, not on the generator, so the watchdog's
-keep-alive comments go out while the generator is slow. Nothing here imports
-a web framework.
+`IterableSource.feed` runs in a task of the stream's task group and queues
+the items it pulls for the pump. It runs ahead of the pump by at most
+`_AHEAD_ITEMS` items or `_AHEAD_BYTES` bytes (an item larger than that is one
+item ahead), so a slow client holds the generator back: the generator runs no
+further than that beyond the write in progress and the socket's buffers.
+While the pump writes, the items the generator makes meanwhile queue up and
+go out in the next write, so a fast generator's items are written in few,
+large writes. Both sides park on their event loop's own primitive (`_lowlevel`),
+not on a fresh `anyio.Event` per item. The pump waits on the queue, not on the
+generator, so the watchdog's keep-alive comments go out while the generator
+is slow. Nothing here imports a web framework.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ._event import (
     encode_comment,
 )
 from ._event import _new as _new_event
+from ._lowlevel import Parker, make_parker
 from ._multi import _POSITION, CURSOR_VERSION, MultiSubscription
 
 __all__ = ["EventItem", "IterableSource", "MultiSource", "multi_frame_data", "to_event"]
@@ -42,6 +47,9 @@ EventItem = Event | Mapping[str, Any] | str
 _KEYS = frozenset({"comment", "data", "event", "id", "retry"})
 # How long the generator's own cleanup (its finally blocks) may take once the stream ended.
 _CLOSE_TIMEOUT = 5.0
+# How far the generator may run ahead of the pump: items, and encoded bytes (one write's worth).
+_AHEAD_ITEMS = 64
+_AHEAD_BYTES = 65_536
 
 
 def _wire_only(wire: bytes) -> Event:
@@ -111,7 +119,16 @@ def to_event(item: object) -> Event:
 class IterableSource:
     """A stream source fed by a user's async iterable (see the module docstring)."""
 
-    __slots__ = ("_closed", "_done", "_interrupted", "_items", "_iterator", "_taken", "_wakeup")
+    __slots__ = (
+        "_bytes",
+        "_closed",
+        "_consumer",
+        "_done",
+        "_interrupted",
+        "_items",
+        "_iterator",
+        "_producer",
+    )
 
     #: No session: the flush window's gate is not used (the response passes 0).
     session_id = ""
@@ -124,24 +141,31 @@ class IterableSource:
             )
         self._iterator: AsyncIterator[EventItem] = aiter(iterable)
         self._items: list[Event] = []
+        self._bytes = 0
         self._done = False
         self._closed = False
         self._interrupted = False
-        self._wakeup: anyio.Event | None = None
-        self._taken: anyio.Event | None = None
+        self._consumer: Parker | None = None  # the pump, waiting for items
+        self._producer: Parker | None = None  # `feed`, waiting for room
 
     async def feed(self) -> None:
-        """Pull the items, one at a time, until the iterable ends or fails; run it in a task.
+        """Pull the items until the iterable ends or fails; run it in a task.
 
-        An exception is logged (with its traceback, once) and ends the stream
-        after the last complete event: nothing half-written.
+        It waits whenever `_AHEAD_ITEMS` items or `_AHEAD_BYTES` bytes are
+        queued and not yet taken by the pump. An exception is logged (with its
+        traceback, once) and ends the stream after the last complete event:
+        nothing half-written.
         """
+        producer = self._producer = make_parker()
         try:
             async for item in self._iterator:
-                self._items.append(to_event(item))
+                event = to_event(item)
+                self._items.append(event)
+                self._bytes += len(event.encode())
                 self._wake()
-                taken = self._taken = anyio.Event()
-                await taken.wait()
+                # No await between the check and the park: the pump's unpark is not lost.
+                while len(self._items) >= _AHEAD_ITEMS or self._bytes >= _AHEAD_BYTES:
+                    await producer.park()
         except Exception:
             logger.exception("event stream source failed; the stream ends here")
         finally:
@@ -153,7 +177,7 @@ class IterableSource:
         return len(self._items)
 
     async def receive_batch(self, *, max_bytes: int | None = None) -> list[Event]:
-        # One item at a time is handed over: it is the bound, whatever max_bytes.
+        # What is queued is bounded by the run-ahead: it is the bound, whatever max_bytes.
         while True:
             if self._items:
                 return self.drain_nowait()
@@ -162,13 +186,19 @@ class IterableSource:
             if self._interrupted:
                 self._interrupted = False
                 return []
-            wakeup = self._wakeup = anyio.Event()
-            await wakeup.wait()
+            consumer = self._consumer
+            if consumer is None:
+                consumer = self._consumer = make_parker()
+            await consumer.park()
 
     def drain_nowait(self, *, max_bytes: int | None = None) -> list[Event]:
-        batch, self._items = self._items, []
-        if batch and self._taken is not None:
-            self._taken.set()
+        batch = self._items
+        if not batch:
+            return batch
+        self._items = []
+        self._bytes = 0
+        if self._producer is not None:
+            self._producer.unpark()
         return batch
 
     def _interrupt(self) -> None:
@@ -176,8 +206,8 @@ class IterableSource:
         self._wake()
 
     def _wake(self) -> None:
-        if self._wakeup is not None:
-            self._wakeup.set()
+        if self._consumer is not None:
+            self._consumer.unpark()
 
     async def aclose(self) -> None:
         """Close the iterable (an async generator's ``finally`` runs). Idempotent.
