@@ -9,7 +9,7 @@ whose every step is O(1). Only public httpx and httpcore API is used.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import anyio
@@ -109,7 +109,7 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
         cap.make_room = self.make_room
         self.max_connections = cap.max_connections
         self.max_idle_per_origin = max_idle_per_origin
-        self._multiplexing = multiplexing  # HTTP/2: a busy connection may take more
+        self.multiplexing = multiplexing  # HTTP/2: a busy connection may take more
         self.origins: dict[_OriginKey, _Origin] = {}  # least recently used first
         self._slots: anyio.Semaphore | None = None
 
@@ -157,7 +157,7 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
                 closing.append(connection)
             elif connection.is_available():
                 return connection
-        if self._multiplexing:
+        if self.multiplexing:
             for connection in origin.connections:
                 if connection.is_available():
                     return connection
@@ -177,7 +177,28 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
             else:
                 origin.drop(connection)
                 return connection
+        elif not self.multiplexing:
+            # HTTP/1.1 and not idle once its response is closed: the close was
+            # interrupted (cancelled) midway, so the connection's state is unknown.
+            origin.drop(connection)
+            return connection
         return None  # busy (HTTP/2, other streams): its last response puts it back
+
+    def finish(
+        self,
+        key: _OriginKey,
+        origin: _Origin,
+        connection: httpcore.AsyncHTTPConnection | None,
+    ) -> httpcore.AsyncHTTPConnection | None:
+        """The request on ``connection`` is over: give back its connection and
+        slot; the connection to close, if any."""
+        surplus = None if connection is None else self._checkin(origin, connection)
+        origin.in_flight -= 1
+        if not origin.in_flight and not origin.connections and self.origins.get(key) is origin:
+            del self.origins[key]
+        assert self._slots is not None
+        self._slots.release()
+        return surplus
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._slots is None:  # created on first use: it needs a running loop
@@ -199,20 +220,6 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
         origin = self.origins.pop(key, None) or _Origin()
         self.origins[key] = origin  # now the most recently used
         origin.in_flight += 1
-        done = False
-
-        async def finish(connection: httpcore.AsyncHTTPConnection | None) -> None:
-            nonlocal done
-            if done:
-                return
-            done = True
-            surplus = None if connection is None else self._checkin(origin, connection)
-            origin.in_flight -= 1
-            if not origin.in_flight and not origin.connections and self.origins.get(key) is origin:
-                del self.origins[key]
-            slots.release()
-            if surplus is not None:
-                await _close([surplus])
 
         core_request = httpcore.Request(
             method=request.method,
@@ -240,15 +247,16 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
                         origin.drop(connection)
                     connection = None
         except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                await finish(connection)
+            surplus = self.finish(key, origin, connection)
+            if surplus is not None:
+                await _close([surplus])
             if isinstance(exc, Exception):
                 raise httpx_error(exc)  # noqa: B904 (its cause is set: exc)
             raise
         return httpx.Response(
             status_code=response.status,
             headers=response.headers,
-            stream=_PooledStream(response.stream, connection, finish),
+            stream=_PooledStream(self, response.stream, key, origin, connection),
             extensions=response.extensions,
         )
 
@@ -274,14 +282,18 @@ class _PooledStream(ReleasableStream):
 
     def __init__(
         self,
+        pool: OriginPoolsTransport,
         stream: Any,
+        key: _OriginKey,
+        origin: _Origin,
         connection: httpcore.AsyncHTTPConnection,
-        finish: Callable[[httpcore.AsyncHTTPConnection | None], Awaitable[None]],
     ) -> None:
         super().__init__()
+        self._pool: OriginPoolsTransport | None = pool
         self._stream = stream
+        self._key = key
+        self._origin = origin
         self._connection = connection
-        self._finish = finish
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -295,11 +307,23 @@ class _PooledStream(ReleasableStream):
             raise
 
     async def aclose(self) -> None:
+        pool = self._pool
+        if pool is None:
+            return
         try:
-            with anyio.CancelScope(shield=True):
+            if pool.multiplexing:
+                with anyio.CancelScope(shield=True):
+                    await self._stream.aclose()
+            else:
+                # No shield (a cancel scope per response is a tenth of this
+                # module's time): an HTTP/1.1 connection whose close is
+                # interrupted is left busy, and _checkin closes it.
                 await self._stream.aclose()
         except Exception as exc:
             raise httpx_error(exc)  # noqa: B904 (its cause is set: exc)
         finally:
+            self._pool = None
             self._release()
-            await self._finish(self._connection)
+            surplus = pool.finish(self._key, self._origin, self._connection)
+            if surplus is not None:
+                await _close([surplus])
