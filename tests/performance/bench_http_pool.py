@@ -283,12 +283,10 @@ def profile(client: str, workload: str, rounds: int, rate: int) -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "raw.txt")
-            child = subprocess.run(
-                [py_spy, "record", "--nonblocking", "--format", "raw", "-r", str(rate), "-o", out, "--",
-                 sys.executable, __file__, "--profile-child", client, workload,
-                 str(rounds), str(port)],
-                capture_output=True, text=True, check=True,
-            )  # fmt: skip
+            command = [py_spy, "record", "--nonblocking", "--format", "raw", "-r", str(rate)]
+            command += ["-o", out, "--", sys.executable, __file__, "--profile-child"]
+            command += [client, workload, str(rounds), str(port)]
+            child = subprocess.run(command, capture_output=True, text=True, check=True)
             line = next(x for x in child.stdout.splitlines() if x.startswith("cpu "))
             cpu_per_call = float(line.split()[1])
             totals: Counter[str] = Counter()
