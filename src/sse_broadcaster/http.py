@@ -40,6 +40,7 @@ from typing import Any
 import httpcore
 import httpx
 
+from ._http._connection import HTTP11Connection
 from ._http._dns import DNSCacheBackend, Resolver
 from ._http._limits import ConnectionCap, HostLimitTransport
 from ._http._loops import aclose_shared_clients, get_shared_client
@@ -163,8 +164,20 @@ def _build_transport(
     backend = DNSCacheBackend(config.dns_cache_ttl, resolver=resolver, clock=clock)
 
     cap = ConnectionCap(backend, config.max_connections)
+    if not http2:
+        ssl_context.set_alpn_protocols(["http/1.1"])  # what httpcore sets at each connect
 
-    def make_connection(origin: httpcore.Origin) -> httpcore.AsyncHTTPConnection:
+    def make_connection(origin: httpcore.Origin) -> httpcore.AsyncConnectionInterface:
+        if not http2:
+            return HTTP11Connection(
+                origin,
+                network_backend=cap,
+                ssl_context=ssl_context,
+                keepalive_expiry=config.keepalive_expiry,
+                retries=retries,
+                local_address=local_address,
+                socket_options=socket_options,
+            )
         return httpcore.AsyncHTTPConnection(
             origin=origin,
             ssl_context=ssl_context,

@@ -2,8 +2,8 @@
 
 `OriginPoolsTransport` converts between httpx and httpcore the way
 `httpx.AsyncHTTPTransport` does (which has no parameter for a network
-backend), keeping a small pool of `httpcore.AsyncHTTPConnection`s per origin
-whose every step is O(1). Only public httpx and httpcore API is used.
+backend), keeping a small pool of connections per origin whose every step is
+O(1). Only public httpx and httpcore API is used.
 """
 
 from __future__ import annotations
@@ -59,14 +59,14 @@ class _Origin:
     __slots__ = ("connections", "idle", "in_flight")
 
     def __init__(self) -> None:
-        self.connections: dict[httpcore.AsyncHTTPConnection, None] = {}
+        self.connections: dict[httpcore.AsyncConnectionInterface, None] = {}
         """Every connection open or opening, idle or not."""
-        self.idle: dict[httpcore.AsyncHTTPConnection, None] = {}
+        self.idle: dict[httpcore.AsyncConnectionInterface, None] = {}
         """Idle connections, least recently used first (taken from the end: LIFO)."""
         self.in_flight = 0
         """Requests sent and not yet closed."""
 
-    def drop(self, connection: httpcore.AsyncHTTPConnection) -> None:
+    def drop(self, connection: httpcore.AsyncConnectionInterface) -> None:
         self.connections.pop(connection, None)
         self.idle.pop(connection, None)
 
@@ -77,10 +77,11 @@ _OriginKey = tuple[bytes, bytes, "int | None"]
 class OriginPoolsTransport(httpx.AsyncBaseTransport):
     """`httpx.AsyncHTTPTransport` without proxies, pooling connections per origin.
 
-    The pool of each origin is a LIFO stack of idle `httpcore.AsyncHTTPConnection`
-    objects: a request takes the most recently used idle connection (checking
-    only that one for a server-side close), or opens a new one; its response,
-    once closed, puts the connection back. Expired connections are closed from
+    The pool of each origin is a LIFO stack of idle connections
+    (`HTTP11Connection`, or `httpcore.AsyncHTTPConnection` with HTTP/2): a
+    request takes the most recently used idle connection (checking only that
+    one for a server-side close), or opens a new one; its response, once
+    closed, puts the connection back. Expired connections are closed from
     the other end of the stack. Each step is O(1) in the number of connections.
 
     httpcore's own `AsyncConnectionPool` rescans every connection and queued
@@ -98,7 +99,7 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
 
     def __init__(
         self,
-        make_connection: Callable[[httpcore.Origin], httpcore.AsyncHTTPConnection],
+        make_connection: Callable[[httpcore.Origin], httpcore.AsyncConnectionInterface],
         cap: ConnectionCap,
         *,
         max_idle_per_origin: int,
@@ -120,7 +121,7 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
     async def make_room(self) -> bool:
         """Close idle connections: all of the least recently used idle origin's,
         else the least recently used idle connection of a busy origin."""
-        closing: list[httpcore.AsyncHTTPConnection] = []
+        closing: list[httpcore.AsyncConnectionInterface] = []
         unused = next((key for key, o in self.origins.items() if not o.in_flight), None)
         if unused is not None:
             origin = self.origins.pop(unused)
@@ -136,8 +137,8 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
         return unused is not None or bool(closing)
 
     def _checkout(
-        self, origin: _Origin, url: httpcore.URL, closing: list[httpcore.AsyncHTTPConnection]
-    ) -> httpcore.AsyncHTTPConnection:
+        self, origin: _Origin, url: httpcore.URL, closing: list[httpcore.AsyncConnectionInterface]
+    ) -> httpcore.AsyncConnectionInterface:
         idle = origin.idle
         # Expired connections sit at the least recently used end.
         fresh = None
@@ -166,8 +167,8 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
         return connection
 
     def _checkin(
-        self, origin: _Origin, connection: httpcore.AsyncHTTPConnection
-    ) -> httpcore.AsyncHTTPConnection | None:
+        self, origin: _Origin, connection: httpcore.AsyncConnectionInterface
+    ) -> httpcore.AsyncConnectionInterface | None:
         """Keep ``connection`` for reuse if it is idle; the one to close, if any."""
         if connection.is_closed():
             origin.drop(connection)
@@ -188,8 +189,8 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
         self,
         key: _OriginKey,
         origin: _Origin,
-        connection: httpcore.AsyncHTTPConnection | None,
-    ) -> httpcore.AsyncHTTPConnection | None:
+        connection: httpcore.AsyncConnectionInterface | None,
+    ) -> httpcore.AsyncConnectionInterface | None:
         """The request on ``connection`` is over: give back its connection and
         slot; the connection to close, if any."""
         surplus = None if connection is None else self._checkin(origin, connection)
@@ -230,10 +231,10 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
             content=request.stream,
             extensions=request.extensions,
         )
-        connection: httpcore.AsyncHTTPConnection | None = None
+        connection: httpcore.AsyncConnectionInterface | None = None
         try:
             while True:
-                closing: list[httpcore.AsyncHTTPConnection] = []
+                closing: list[httpcore.AsyncConnectionInterface] = []
                 connection = self._checkout(origin, core_request.url, closing)
                 if closing:
                     await _close(closing)
@@ -265,7 +266,7 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
         await _close([c for origin in origins for c in origin.connections])
 
 
-async def _close(connections: Iterable[httpcore.AsyncHTTPConnection]) -> None:
+async def _close(connections: Iterable[httpcore.AsyncConnectionInterface]) -> None:
     """Close connections taken out of a pool, even under cancellation.
 
     An error closing one (a socket the peer already reset) is no concern of the
@@ -286,7 +287,7 @@ class _PooledStream(ReleasableStream):
         stream: Any,
         key: _OriginKey,
         origin: _Origin,
-        connection: httpcore.AsyncHTTPConnection,
+        connection: httpcore.AsyncConnectionInterface,
     ) -> None:
         super().__init__()
         self._pool: OriginPoolsTransport | None = pool
