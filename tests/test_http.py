@@ -328,6 +328,62 @@ async def test_slot_is_released_when_the_request_fails() -> None:
         assert transport._hosts == {}
 
 
+async def test_cancelled_response_close_neither_leaks_nor_reuses_the_connection() -> None:
+    # Closing a response is not shielded from cancellation on HTTP/1.1: a close
+    # cancelled midway leaves the connection in an unknown state, so the pool
+    # closes it, and gives back its slot and its place under max_connections.
+    async with serve(delayed(0)) as server, create_http_client() as client:
+        transport = client._transport
+        assert isinstance(transport, HostLimitTransport)
+        pools = transport.transport
+        with anyio.CancelScope() as scope:
+            async with client.stream("GET", server.url()) as response:
+                scope.cancel()
+                # On asyncio the body is read from the buffer without a
+                # checkpoint; the close it ends with is cancelled at its first
+                # (httpcore's lock). On trio the read itself is cancelled.
+                await response.aread()
+        assert scope.cancelled_caught
+        assert transport.in_flight(server.url()) == 0
+        assert pools.connection_count() == 0  # closed, not left busy
+        assert (await client.get(server.url())).text == "ok"
+        assert pools.connection_count() == 1
+        assert server.counters.accepted == 2  # the first connection was not reused
+
+
+async def test_connect_retries_and_trace_events_are_httpcore_ones() -> None:
+    # HTTP/1.1 connections connect without httpcore.AsyncHTTPConnection but
+    # keep its behaviour: ``retries`` connect attempts, and the same events for
+    # the ``trace`` extension as a plain httpx client.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once closed
+    events: dict[str, list[str]] = {}
+
+    async def send(client: httpx.AsyncClient, key: str, url: str) -> None:
+        names = events.setdefault(key, [])
+
+        async def trace(name: str, info: dict[str, Any]) -> None:
+            names.append(name)
+
+        with contextlib.suppress(httpx.ConnectError):
+            await client.get(url, extensions={"trace": trace})
+
+    async with serve(delayed(0)) as server:
+        async with create_http_client(retries=2) as ours:
+            await send(ours, "ours ok", server.url())
+            await send(ours, "ours refused", f"http://127.0.0.1:{port}/")
+        transport = httpx.AsyncHTTPTransport(retries=2)
+        async with httpx.AsyncClient(transport=transport) as plain:
+            await send(plain, "httpx ok", server.url())
+            await send(plain, "httpx refused", f"http://127.0.0.1:{port}/")
+    assert events["ours ok"] == events["httpx ok"]
+    assert "connection.connect_tcp.complete" in events["ours ok"]
+    assert events["ours refused"] == events["httpx refused"]
+    assert events["ours refused"].count("connection.connect_tcp.failed") == 3
+    assert events["ours refused"].count("connection.retry.complete") == 2
+
+
 # --------------------------------------------------------------------------- keep-alive
 
 
