@@ -624,6 +624,29 @@ async def test_tls_verifies_the_host_name_not_the_cached_address(
     assert pools.connection_count() == 0
 
 
+async def test_tls_offers_only_http11_even_on_a_context_shared_with_h2(
+    certificate: tuple[str, str],
+) -> None:
+    # HTTP/1.1 connections speak h11 whatever the handshake picks, so they
+    # offer only http/1.1 at each handshake, even on a context that another
+    # client (offering h2) set up meanwhile.
+    cert, key = certificate
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    server_context.set_alpn_protocols(["h2", "http/1.1"])
+    client_context = ssl.create_default_context(cafile=cert)
+    async with (
+        serve(delayed(0), ssl_context=server_context) as server,
+        create_http_client(resolver=CountingResolver(), verify=client_context) as client,
+    ):
+        client_context.set_alpn_protocols(["h2", "http/1.1"])
+        response = await client.get(f"https://svc.test:{server.port}/")
+        assert response.text == "ok"
+        assert response.http_version == "HTTP/1.1"
+        ssl_object = response.extensions["network_stream"].get_extra_info("ssl_object")
+        assert ssl_object.selected_alpn_protocol() == "http/1.1"
+
+
 async def test_default_resolver_resolves_localhost() -> None:
     async with serve(delayed(0)) as server, create_http_client() as client:
         response = await client.get(f"http://localhost:{server.port}/")

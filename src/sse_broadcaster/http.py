@@ -164,8 +164,6 @@ def _build_transport(
     backend = DNSCacheBackend(config.dns_cache_ttl, resolver=resolver, clock=clock)
 
     cap = ConnectionCap(backend, config.max_connections)
-    if not http2:
-        ssl_context.set_alpn_protocols(["http/1.1"])  # what httpcore sets at each connect
 
     def make_connection(origin: httpcore.Origin) -> httpcore.AsyncConnectionInterface:
         if not http2:

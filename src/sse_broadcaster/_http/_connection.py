@@ -90,7 +90,7 @@ class HTTP11Connection(httpcore.AsyncConnectionInterface):
     ) -> None:
         self._origin = origin
         self._backend = network_backend
-        self._ssl_context = ssl_context  # its ALPN set to ["http/1.1"] by the caller
+        self._ssl_context = ssl_context
         self._keepalive_expiry = keepalive_expiry
         self._retries = retries
         self._local_address = local_address
@@ -136,6 +136,9 @@ class HTTP11Connection(httpcore.AsyncConnectionInterface):
                     stream = await self._backend.connect_tcp(**info)
                     trace.return_value = stream
                 if self._origin.scheme in (b"https", b"wss"):
+                    # Set at each connect, as httpcore does: the context may be
+                    # shared with a client that offers h2.
+                    self._ssl_context.set_alpn_protocols(["http/1.1"])
                     info = {
                         "ssl_context": self._ssl_context,
                         "server_hostname": sni_hostname or host,
