@@ -15,10 +15,12 @@ cache. Both are built here on httpx's and httpcore's public extension points:
 - `DNSCacheBackend`, an `httpcore.AsyncNetworkBackend`, resolves host names
   through an injectable resolver and keeps the answers for ``dns_cache_ttl``.
 
-Under them, a small pool per origin of `httpcore.AsyncHTTPConnection`s (idle
-ones reused most recent first, in O(1): httpcore's own pool rescans all its
-connections at every request), all sharing one network backend that caps the
-connections open in total and closes idle ones of other hosts to make room.
+Under them, a small pool per origin of httpcore connections (idle ones reused
+most recent first, in O(1): httpcore's own pool rescans all its connections at
+every request; for HTTP/1.1, `httpcore.AsyncHTTP11Connection`s connected here,
+without `httpcore.AsyncHTTPConnection`'s per-request lock), all sharing one
+network backend that caps the connections open in total and closes idle ones
+of other hosts to make room.
 On asyncio that backend reads and writes through asyncio transports directly
 (httpcore's AnyIO backend, used on trio, enters a cancel scope per read and
 write). A small transport converts between httpx and httpcore the way
