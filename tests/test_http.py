@@ -329,6 +329,62 @@ async def test_slot_is_released_when_the_request_fails() -> None:
         assert transport._hosts == {}
 
 
+async def test_cancelled_response_close_neither_leaks_nor_reuses_the_connection() -> None:
+    # Closing a response is not shielded from cancellation on HTTP/1.1: a close
+    # cancelled midway leaves the connection in an unknown state, so the pool
+    # closes it, and gives back its slot and its place under max_connections.
+    async with serve(delayed(0)) as server, create_http_client() as client:
+        transport = client._transport
+        assert isinstance(transport, HostLimitTransport)
+        pools = transport.transport
+        with anyio.CancelScope() as scope:
+            async with client.stream("GET", server.url()) as response:
+                scope.cancel()
+                # On asyncio the body is read from the buffer without a
+                # checkpoint; the close it ends with is cancelled at its first
+                # (httpcore's lock). On trio the read itself is cancelled.
+                await response.aread()
+        assert scope.cancelled_caught
+        assert transport.in_flight(server.url()) == 0
+        assert pools.connection_count() == 0  # closed, not left busy
+        assert (await client.get(server.url())).text == "ok"
+        assert pools.connection_count() == 1
+        assert server.counters.accepted == 2  # the first connection was not reused
+
+
+async def test_connect_retries_and_trace_events_are_httpcore_ones() -> None:
+    # HTTP/1.1 connections connect without httpcore.AsyncHTTPConnection but
+    # keep its behaviour: ``retries`` connect attempts, and the same events for
+    # the ``trace`` extension as a plain httpx client.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once closed
+    events: dict[str, list[str]] = {}
+
+    async def send(client: httpx.AsyncClient, key: str, url: str) -> None:
+        names = events.setdefault(key, [])
+
+        async def trace(name: str, info: dict[str, Any]) -> None:
+            names.append(name)
+
+        with contextlib.suppress(httpx.ConnectError):
+            await client.get(url, extensions={"trace": trace})
+
+    async with serve(delayed(0)) as server:
+        async with create_http_client(retries=2) as ours:
+            await send(ours, "ours ok", server.url())
+            await send(ours, "ours refused", f"http://127.0.0.1:{port}/")
+        transport = httpx.AsyncHTTPTransport(retries=2)
+        async with httpx.AsyncClient(transport=transport) as plain:
+            await send(plain, "httpx ok", server.url())
+            await send(plain, "httpx refused", f"http://127.0.0.1:{port}/")
+    assert events["ours ok"] == events["httpx ok"]
+    assert "connection.connect_tcp.complete" in events["ours ok"]
+    assert events["ours refused"] == events["httpx refused"]
+    assert events["ours refused"].count("connection.connect_tcp.failed") == 3
+    assert events["ours refused"].count("connection.retry.complete") == 2
+
+
 # --------------------------------------------------------------------------- keep-alive
 
 
@@ -559,6 +615,29 @@ async def test_tls_verifies_the_host_name_not_the_cached_address(
             await client.get(f"https://other.test:{server.port}/")
         assert pools.connection_count() == 1  # the failed handshake gave its slot back
     assert pools.connection_count() == 0
+
+
+async def test_tls_offers_only_http11_even_on_a_context_shared_with_h2(
+    certificate: tuple[str, str],
+) -> None:
+    # HTTP/1.1 connections speak h11 whatever the handshake picks, so they
+    # offer only http/1.1 at each handshake, even on a context that another
+    # client (offering h2) set up meanwhile.
+    cert, key = certificate
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    server_context.set_alpn_protocols(["h2", "http/1.1"])
+    client_context = ssl.create_default_context(cafile=cert)
+    async with (
+        serve(delayed(0), ssl_context=server_context) as server,
+        create_http_client(resolver=CountingResolver(), verify=client_context) as client,
+    ):
+        client_context.set_alpn_protocols(["h2", "http/1.1"])
+        response = await client.get(f"https://svc.test:{server.port}/")
+        assert response.text == "ok"
+        assert response.http_version == "HTTP/1.1"
+        ssl_object = response.extensions["network_stream"].get_extra_info("ssl_object")
+        assert ssl_object.selected_alpn_protocol() == "http/1.1"
 
 
 async def test_default_resolver_resolves_localhost() -> None:

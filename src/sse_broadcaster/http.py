@@ -15,10 +15,12 @@ cache. Both are built here on httpx's and httpcore's public extension points:
 - `DNSCacheBackend`, an `httpcore.AsyncNetworkBackend`, resolves host names
   through an injectable resolver and keeps the answers for ``dns_cache_ttl``.
 
-Under them, a small pool per origin of `httpcore.AsyncHTTPConnection`s (idle
-ones reused most recent first, in O(1): httpcore's own pool rescans all its
-connections at every request), all sharing one network backend that caps the
-connections open in total and closes idle ones of other hosts to make room.
+Under them, a small pool per origin of httpcore connections (idle ones reused
+most recent first, in O(1): httpcore's own pool rescans all its connections at
+every request; for HTTP/1.1, `httpcore.AsyncHTTP11Connection`s connected here,
+without `httpcore.AsyncHTTPConnection`'s per-request lock), all sharing one
+network backend that caps the connections open in total and closes idle ones
+of other hosts to make room.
 On asyncio that backend reads and writes through asyncio transports directly
 (httpcore's AnyIO backend, used on trio, enters a cancel scope per read and
 write). A small transport converts between httpx and httpcore the way
@@ -40,6 +42,7 @@ from typing import Any
 import httpcore
 import httpx
 
+from ._http._connection import HTTP11Connection
 from ._http._dns import DNSCacheBackend, Resolver
 from ._http._limits import ConnectionCap, HostLimitTransport
 from ._http._loops import aclose_shared_clients, get_shared_client
@@ -164,7 +167,17 @@ def _build_transport(
 
     cap = ConnectionCap(backend, config.max_connections)
 
-    def make_connection(origin: httpcore.Origin) -> httpcore.AsyncHTTPConnection:
+    def make_connection(origin: httpcore.Origin) -> httpcore.AsyncConnectionInterface:
+        if not http2:
+            return HTTP11Connection(
+                origin,
+                network_backend=cap,
+                ssl_context=ssl_context,
+                keepalive_expiry=config.keepalive_expiry,
+                retries=retries,
+                local_address=local_address,
+                socket_options=socket_options,
+            )
         return httpcore.AsyncHTTPConnection(
             origin=origin,
             ssl_context=ssl_context,

@@ -3,6 +3,7 @@ connections (the reference document's "before"), aiohttp's TCPConnector, and
 the ceilings under ours: plain httpx and raw httpcore.
 
     .venv/bin/python tests/performance/bench_http_pool.py [--runs 7]
+    .venv/bin/python tests/performance/bench_http_pool.py --profile ours [--calls 100]
 
 A server in a child process (aiohttp, so it never competes with the client's
 event loop) answers every request after 50 ms, on 127.0.0.1 to 127.0.0.5 (five
@@ -31,6 +32,16 @@ rounds, and the ratio against aiohttp is the median of the per-round ratios
 (run-to-run noise on this box is 15-25 %). "client CPU" is the client process's
 CPU time per run: unlike wall time it does not include the 50 ms the server
 waits, and it shows where a client spends more than another.
+
+``--profile CLIENT`` prints, instead, where that client's CPU goes on the warm
+workload (``--calls 100`` or ``10``): the workload runs ``--rounds`` times in a
+child process under py-spy (``--nonblocking``, so the child is not paused),
+and each sample goes to the layer of the topmost frame that belongs to one:
+httpx's client layer (``AsyncClient.send``: request building, cookies, auth,
+redirects, hooks, ``Response``), our transports, pool and streams, httpcore's
+connection with h11, the event loop and sockets (asyncio, selectors). anyio
+and the rest of the standard library count for their caller. The CPU per call
+is the child's process time over the sampled rounds (sampling adds ~10 %).
 """
 
 from __future__ import annotations
@@ -38,11 +49,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 
@@ -234,6 +249,93 @@ async def measure(urls: list[str], runs: int) -> dict[tuple[str, str], list[Samp
     return samples
 
 
+# --------------------------------------------------------------------------- profile
+
+# Where a sample's time belongs: the frame nearest the top of the stack whose
+# file matches one of these (first match per frame, in this order). Frames of
+# anyio and of the rest of the standard library (cookiejar, enum, typing...)
+# belong to the caller that called them.
+CATEGORIES = [
+    ("ours: transports, pool, streams", ("(sse_broadcaster/",)),
+    ("httpx client layer", ("(httpx/",)),
+    ("httpcore connection + h11", ("(httpcore/", "(h11/")),
+    ("aiohttp", ("(aiohttp/", "(multidict/", "(yarl/")),
+    ("event loop + socket", ("(asyncio/", "(selectors.py", "(socket.py", "(uvloop/")),
+    ("benchmark driver (gather, timing)", ("(bench_http_pool.py",)),
+]
+
+
+def categorize(stack: list[str]) -> str:
+    """The category of a py-spy stack (frames ``function (file:line)``, root first)."""
+    for frame in reversed(stack):
+        for name, markers in CATEGORIES:
+            if any(marker in frame for marker in markers):
+                return name
+    return "other (gc, interpreter)"
+
+
+async def profile_child(client: str, workload: str, rounds: int, port: int) -> None:
+    """The warm ``workload`` on ``client``, ``rounds`` times: what py-spy samples."""
+    urls = workloads(port)[workload]
+    async with CLIENTS[client]() as run:
+        for _ in range(3):
+            await run(urls)  # open the connections, warm the caches
+        cpu = time.process_time()
+        for _ in range(rounds):
+            await run(urls)
+        cpu = time.process_time() - cpu
+    print(f"cpu {cpu / (rounds * len(urls))}", flush=True)
+
+
+def profile(client: str, workload: str, rounds: int, rate: int) -> None:
+    """Run the warm ``workload`` under py-spy and print the CPU per call by category."""
+    py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(py_spy):
+        raise SystemExit("--profile needs py-spy: pip install py-spy")
+    process, port = start_server()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "raw.txt")
+            command = [py_spy, "record", "--nonblocking", "--format", "raw", "-r", str(rate)]
+            command += ["-o", out, "--", sys.executable, __file__, "--profile-child"]
+            command += [client, workload, str(rounds), str(port)]
+            child = subprocess.run(command, capture_output=True, text=True, check=True)
+            line = next(x for x in child.stdout.splitlines() if x.startswith("cpu "))
+            cpu_per_call = float(line.split()[1])
+            totals: Counter[str] = Counter()
+            with open(out) as raw:
+                for entry in raw:
+                    stack, _, count = entry.rstrip("\n").rpartition(" ")
+                    frames = stack.split(";")
+                    if "(<frozen importlib" in stack:
+                        continue  # imports: start-up
+                    # A task's stack starts at its coroutine, so do not look for the loop.
+                    totals[categorize(frames)] += int(count)
+    finally:
+        process.terminate()
+        process.wait(10)
+    samples = sum(totals.values())
+    print(
+        f"\n{client}, {workload}, warm, {rounds} rounds under py-spy at {rate} Hz: "
+        f"{samples} samples, client CPU {cpu_per_call * 1e6:.0f} us per call\n"
+    )
+    print("| where | share | CPU us per call |")
+    print("|---|---:|---:|")
+    for name, count in totals.most_common():
+        share = count / samples
+        print(f"| {name} | {share:.0%} | {share * cpu_per_call * 1e6:.0f} |")
+
+
+# --------------------------------------------------------------------------- report
+
+
+def workloads(port: int) -> dict[str, list[str]]:
+    return {
+        "10 calls, 1 host": [f"http://127.0.0.1:{port}/"] * 10,
+        "100 calls, 5 hosts": [f"http://{HOSTS[i % 5]}:{port}/" for i in range(100)],
+    }
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
 
@@ -241,22 +343,44 @@ def ms(seconds: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=7, help="rounds per scenario (median)")
+    parser.add_argument(
+        "--profile",
+        metavar="CLIENT",
+        choices=list(CLIENTS),
+        help="instead of the table: the client CPU per call of CLIENT on the warm workload, "
+        "split by layer from a py-spy profile",
+    )
+    parser.add_argument(
+        "--calls",
+        type=int,
+        choices=(10, 100),
+        default=100,
+        help="with --profile: the 10-call or the 100-call workload (default 100)",
+    )
+    parser.add_argument("--rounds", type=int, default=200, help="with --profile: rounds sampled")
+    parser.add_argument("--rate", type=int, default=1000, help="with --profile: samples/s")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--profile-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(args.serve)
         return
+    if args.profile_child:
+        client, workload, rounds, port = args.profile_child
+        asyncio.run(profile_child(client, workload, int(rounds), int(port)))
+        return
+    if args.profile:
+        workload = "10 calls, 1 host" if args.calls == 10 else "100 calls, 5 hosts"
+        profile(args.profile, workload, args.rounds, args.rate)
+        return
 
     process, port = start_server()
     try:
-        workloads = {
-            "10 calls, 1 host": [f"http://127.0.0.1:{port}/"] * 10,
-            "100 calls, 5 hosts": [f"http://{HOSTS[i % 5]}:{port}/" for i in range(100)],
-        }
+        loads = workloads(port)
         before_times = {
-            name: [before(urls) for _ in range(args.runs)] for name, urls in workloads.items()
+            name: [before(urls) for _ in range(args.runs)] for name, urls in loads.items()
         }
-        results = {name: asyncio.run(measure(urls, args.runs)) for name, urls in workloads.items()}
+        results = {name: asyncio.run(measure(urls, args.runs)) for name, urls in loads.items()}
     finally:
         process.terminate()
         process.wait(10)

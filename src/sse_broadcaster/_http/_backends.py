@@ -11,7 +11,7 @@ import asyncio
 import select
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import anyio
@@ -129,6 +129,20 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
     def __init__(self, transport: asyncio.Transport, protocol: _AsyncioProtocol) -> None:
         self._transport = transport
         self._protocol = protocol
+        self._on_close: Callable[[], None] | None = None
+
+    def call_on_close(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, when the stream is closed or its TLS handshake fails.
+
+        `ConnectionCap` counts open connections so, without wrapping the
+        stream in one more layer that every read and write would go through.
+        """
+        self._on_close = callback
+
+    def _closed(self) -> None:
+        if self._on_close is not None:
+            callback, self._on_close = self._on_close, None
+            callback()
 
     async def _wait(self, attribute: str, limit: float | None) -> bool:
         """Until the protocol wakes us (True) or ``limit`` seconds pass (False)."""
@@ -180,16 +194,19 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
 
     async def aclose(self) -> None:
         transport = self._transport
-        if transport.get_write_buffer_size():
-            transport.abort()  # do not wait to flush a request that will never complete
-        else:
-            transport.close()
-        # A TCP socket closes on the next loop iteration. As httpcore's AnyIO
-        # backend, do not wait longer for a TLS close_notify exchange.
-        with anyio.CancelScope(shield=True):
-            await asyncio.sleep(0)
-        if not self._protocol.lost:
-            transport.abort()
+        try:
+            if transport.get_write_buffer_size():
+                transport.abort()  # do not wait to flush a request that will never complete
+            else:
+                transport.close()
+            # A TCP socket closes on the next loop iteration. As httpcore's AnyIO
+            # backend, do not wait longer for a TLS close_notify exchange.
+            with anyio.CancelScope(shield=True):
+                await asyncio.sleep(0)
+            if not self._protocol.lost:
+                transport.abort()
+        finally:
+            self._closed()
 
     async def start_tls(
         self,
@@ -205,6 +222,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
                 )
         except BaseException as exc:
             self._transport.abort()
+            self._closed()
             if isinstance(exc, TimeoutError):
                 raise httpcore.ConnectTimeout("timed out in the TLS handshake") from None
             if isinstance(exc, OSError):  # ssl.SSLError included
@@ -212,7 +230,9 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             raise
         tls = cast("asyncio.Transport", transport)  # None only for a server-side protocol
         self._protocol.transport = tls
-        return AsyncioStream(tls, self._protocol)
+        stream = AsyncioStream(tls, self._protocol)
+        stream._on_close, self._on_close = self._on_close, None
+        return stream
 
     def get_extra_info(self, info: str) -> Any:
         if info == "is_readable":

@@ -72,6 +72,9 @@ class ConnectionCap(WrappingBackend):
         except BaseException:
             self._release()
             raise
+        if isinstance(stream, AsyncioStream):
+            stream.call_on_close(self._release)
+            return stream
         return _CountedStream(stream, self._release)
 
 

@@ -2,14 +2,14 @@
 
 `OriginPoolsTransport` converts between httpx and httpcore the way
 `httpx.AsyncHTTPTransport` does (which has no parameter for a network
-backend), keeping a small pool of `httpcore.AsyncHTTPConnection`s per origin
-whose every step is O(1). Only public httpx and httpcore API is used.
+backend), keeping a small pool of connections per origin whose every step is
+O(1). Only public httpx and httpcore API is used.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import anyio
@@ -59,14 +59,14 @@ class _Origin:
     __slots__ = ("connections", "idle", "in_flight")
 
     def __init__(self) -> None:
-        self.connections: dict[httpcore.AsyncHTTPConnection, None] = {}
+        self.connections: dict[httpcore.AsyncConnectionInterface, None] = {}
         """Every connection open or opening, idle or not."""
-        self.idle: dict[httpcore.AsyncHTTPConnection, None] = {}
+        self.idle: dict[httpcore.AsyncConnectionInterface, None] = {}
         """Idle connections, least recently used first (taken from the end: LIFO)."""
         self.in_flight = 0
         """Requests sent and not yet closed."""
 
-    def drop(self, connection: httpcore.AsyncHTTPConnection) -> None:
+    def drop(self, connection: httpcore.AsyncConnectionInterface) -> None:
         self.connections.pop(connection, None)
         self.idle.pop(connection, None)
 
@@ -77,10 +77,11 @@ _OriginKey = tuple[bytes, bytes, "int | None"]
 class OriginPoolsTransport(httpx.AsyncBaseTransport):
     """`httpx.AsyncHTTPTransport` without proxies, pooling connections per origin.
 
-    The pool of each origin is a LIFO stack of idle `httpcore.AsyncHTTPConnection`
-    objects: a request takes the most recently used idle connection (checking
-    only that one for a server-side close), or opens a new one; its response,
-    once closed, puts the connection back. Expired connections are closed from
+    The pool of each origin is a LIFO stack of idle connections
+    (`HTTP11Connection`, or `httpcore.AsyncHTTPConnection` with HTTP/2): a
+    request takes the most recently used idle connection (checking only that
+    one for a server-side close), or opens a new one; its response, once
+    closed, puts the connection back. Expired connections are closed from
     the other end of the stack. Each step is O(1) in the number of connections.
 
     httpcore's own `AsyncConnectionPool` rescans every connection and queued
@@ -98,7 +99,7 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
 
     def __init__(
         self,
-        make_connection: Callable[[httpcore.Origin], httpcore.AsyncHTTPConnection],
+        make_connection: Callable[[httpcore.Origin], httpcore.AsyncConnectionInterface],
         cap: ConnectionCap,
         *,
         max_idle_per_origin: int,
@@ -109,7 +110,7 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
         cap.make_room = self.make_room
         self.max_connections = cap.max_connections
         self.max_idle_per_origin = max_idle_per_origin
-        self._multiplexing = multiplexing  # HTTP/2: a busy connection may take more
+        self.multiplexing = multiplexing  # HTTP/2: a busy connection may take more
         self.origins: dict[_OriginKey, _Origin] = {}  # least recently used first
         self._slots: anyio.Semaphore | None = None
 
@@ -120,7 +121,7 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
     async def make_room(self) -> bool:
         """Close idle connections: all of the least recently used idle origin's,
         else the least recently used idle connection of a busy origin."""
-        closing: list[httpcore.AsyncHTTPConnection] = []
+        closing: list[httpcore.AsyncConnectionInterface] = []
         unused = next((key for key, o in self.origins.items() if not o.in_flight), None)
         if unused is not None:
             origin = self.origins.pop(unused)
@@ -136,8 +137,8 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
         return unused is not None or bool(closing)
 
     def _checkout(
-        self, origin: _Origin, url: httpcore.URL, closing: list[httpcore.AsyncHTTPConnection]
-    ) -> httpcore.AsyncHTTPConnection:
+        self, origin: _Origin, url: httpcore.URL, closing: list[httpcore.AsyncConnectionInterface]
+    ) -> httpcore.AsyncConnectionInterface:
         idle = origin.idle
         # Expired connections sit at the least recently used end.
         fresh = None
@@ -157,7 +158,7 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
                 closing.append(connection)
             elif connection.is_available():
                 return connection
-        if self._multiplexing:
+        if self.multiplexing:
             for connection in origin.connections:
                 if connection.is_available():
                     return connection
@@ -166,8 +167,8 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
         return connection
 
     def _checkin(
-        self, origin: _Origin, connection: httpcore.AsyncHTTPConnection
-    ) -> httpcore.AsyncHTTPConnection | None:
+        self, origin: _Origin, connection: httpcore.AsyncConnectionInterface
+    ) -> httpcore.AsyncConnectionInterface | None:
         """Keep ``connection`` for reuse if it is idle; the one to close, if any."""
         if connection.is_closed():
             origin.drop(connection)
@@ -177,7 +178,28 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
             else:
                 origin.drop(connection)
                 return connection
+        elif not self.multiplexing:
+            # HTTP/1.1 and not idle once its response is closed: the close was
+            # interrupted (cancelled) midway, so the connection's state is unknown.
+            origin.drop(connection)
+            return connection
         return None  # busy (HTTP/2, other streams): its last response puts it back
+
+    def finish(
+        self,
+        key: _OriginKey,
+        origin: _Origin,
+        connection: httpcore.AsyncConnectionInterface | None,
+    ) -> httpcore.AsyncConnectionInterface | None:
+        """The request on ``connection`` is over: give back its connection and
+        slot; the connection to close, if any."""
+        surplus = None if connection is None else self._checkin(origin, connection)
+        origin.in_flight -= 1
+        if not origin.in_flight and not origin.connections and self.origins.get(key) is origin:
+            del self.origins[key]
+        assert self._slots is not None
+        self._slots.release()
+        return surplus
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._slots is None:  # created on first use: it needs a running loop
@@ -199,20 +221,6 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
         origin = self.origins.pop(key, None) or _Origin()
         self.origins[key] = origin  # now the most recently used
         origin.in_flight += 1
-        done = False
-
-        async def finish(connection: httpcore.AsyncHTTPConnection | None) -> None:
-            nonlocal done
-            if done:
-                return
-            done = True
-            surplus = None if connection is None else self._checkin(origin, connection)
-            origin.in_flight -= 1
-            if not origin.in_flight and not origin.connections and self.origins.get(key) is origin:
-                del self.origins[key]
-            slots.release()
-            if surplus is not None:
-                await _close([surplus])
 
         core_request = httpcore.Request(
             method=request.method,
@@ -223,10 +231,10 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
             content=request.stream,
             extensions=request.extensions,
         )
-        connection: httpcore.AsyncHTTPConnection | None = None
+        connection: httpcore.AsyncConnectionInterface | None = None
         try:
             while True:
-                closing: list[httpcore.AsyncHTTPConnection] = []
+                closing: list[httpcore.AsyncConnectionInterface] = []
                 connection = self._checkout(origin, core_request.url, closing)
                 if closing:
                     await _close(closing)
@@ -240,15 +248,16 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
                         origin.drop(connection)
                     connection = None
         except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                await finish(connection)
+            surplus = self.finish(key, origin, connection)
+            if surplus is not None:
+                await _close([surplus])
             if isinstance(exc, Exception):
                 raise httpx_error(exc)  # noqa: B904 (its cause is set: exc)
             raise
         return httpx.Response(
             status_code=response.status,
             headers=response.headers,
-            stream=_PooledStream(response.stream, connection, finish),
+            stream=_PooledStream(self, response.stream, key, origin, connection),
             extensions=response.extensions,
         )
 
@@ -257,7 +266,7 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
         await _close([c for origin in origins for c in origin.connections])
 
 
-async def _close(connections: Iterable[httpcore.AsyncHTTPConnection]) -> None:
+async def _close(connections: Iterable[httpcore.AsyncConnectionInterface]) -> None:
     """Close connections taken out of a pool, even under cancellation.
 
     An error closing one (a socket the peer already reset) is no concern of the
@@ -274,14 +283,18 @@ class _PooledStream(ReleasableStream):
 
     def __init__(
         self,
+        pool: OriginPoolsTransport,
         stream: Any,
-        connection: httpcore.AsyncHTTPConnection,
-        finish: Callable[[httpcore.AsyncHTTPConnection | None], Awaitable[None]],
+        key: _OriginKey,
+        origin: _Origin,
+        connection: httpcore.AsyncConnectionInterface,
     ) -> None:
         super().__init__()
+        self._pool: OriginPoolsTransport | None = pool
         self._stream = stream
+        self._key = key
+        self._origin = origin
         self._connection = connection
-        self._finish = finish
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -295,11 +308,23 @@ class _PooledStream(ReleasableStream):
             raise
 
     async def aclose(self) -> None:
+        pool = self._pool
+        if pool is None:
+            return
         try:
-            with anyio.CancelScope(shield=True):
+            if pool.multiplexing:
+                with anyio.CancelScope(shield=True):
+                    await self._stream.aclose()
+            else:
+                # No shield (a cancel scope per response is a tenth of this
+                # module's time): an HTTP/1.1 connection whose close is
+                # interrupted is left busy, and _checkin closes it.
                 await self._stream.aclose()
         except Exception as exc:
             raise httpx_error(exc)  # noqa: B904 (its cause is set: exc)
         finally:
+            self._pool = None
             self._release()
-            await self._finish(self._connection)
+            surplus = pool.finish(self._key, self._origin, self._connection)
+            if surplus is not None:
+                await _close([surplus])
