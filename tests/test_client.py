@@ -852,11 +852,11 @@ async def test_a_redirect_to_another_scheme_is_not_retried(client: httpx.AsyncCl
         await conn.respond(307, b"", headers={"Location": "ftp://127.0.0.1/x"}, close=True)
 
     async with serve(sse(script)) as server:
-        # Plain httpx raises UnsupportedProtocol; the pooled transport of
-        # sse_broadcaster.http a KeyError for now: either way, not retried.
-        with pytest.raises(EventSourceError, match=r"ftp"):
+        # The pooled transport raises httpx's own UnsupportedProtocol: not retried.
+        with pytest.raises(EventSourceError, match=r"ftp") as info:
             async with EventSource(server.url(), client=client, **FAST) as source:
                 await take(source, 1)
+        assert isinstance(info.value.__cause__, httpx.UnsupportedProtocol)
         assert server.counters.accepted == 1
 
 

@@ -894,3 +894,10 @@ def test_client_of_an_idle_asyncio_loop_is_kept_until_that_loop_runs() -> None:
         assert client.is_closed
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1/x", "file:///etc/passwd", "gopher://127.0.0.1/"])
+async def test_an_unsupported_scheme_is_httpx_s_own_error(url: str) -> None:
+    async with create_http_client() as client:
+        with pytest.raises(httpx.UnsupportedProtocol, match="unsupported protocol"):
+            await client.get(url)

@@ -20,6 +20,9 @@ from ._limits import ConnectionCap, ReleasableStream
 
 __all__ = ["HTTPCORE_TO_HTTPX", "OriginPoolsTransport", "httpx_error"]
 
+# The schemes httpcore connects to.
+_SCHEMES = frozenset({b"http", b"https", b"ws", b"wss"})
+
 # httpcore's exceptions and the httpx ones they surface as; the same table as
 # httpx's own transport (tests/test_http.py fails if the two drift apart).
 HTTPCORE_TO_HTTPX: dict[type[Exception], type[httpx.TransportError]] = {
@@ -202,6 +205,13 @@ class OriginPoolsTransport(httpx.AsyncBaseTransport):
         return surplus
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.raw_scheme not in _SCHEMES:
+            # What httpx's own transport raises (httpcore would fail on a missing
+            # default port with a bare KeyError).
+            raise httpx.UnsupportedProtocol(
+                f"Request URL has an unsupported protocol '{request.url.scheme}://'.",
+                request=request,
+            )
         if self._slots is None:  # created on first use: it needs a running loop
             self._slots = anyio.Semaphore(self.max_connections)
         slots = self._slots
