@@ -1,9 +1,16 @@
 """In-process fan-out: deliveries per second until every subscriber has every event.
 
 One session, S subscribers each consuming with ``async for``, E events published
-by one task that yields to the loop every --batch events (so that bounded
-queues are not overrun; every implementation gets the same publisher loop).
-Measured side by side, alternately, in fresh processes:
+by one task. Two modes (``--mode``):
+
+- ``burst``: the publisher yields to the loop every --batch events (so that
+  bounded queues are not overrun); subscribers drain many events per wake-up;
+- ``paced``: the publisher waits until every subscriber has the event before
+  publishing the next, so every subscriber parks and is woken once per event:
+  the wake-up dominates.
+
+Every implementation gets the same publisher loop. Measured side by side,
+alternately, in fresh processes:
 
 - ``ours``: sse_broadcaster.EventBroadcaster with the default config
   (history 500 per session, TTLs, queues bounded by count and bytes);
@@ -12,7 +19,8 @@ Measured side by side, alternately, in fresh processes:
 
 Also reports tracemalloc bytes per idle subscription for 100,000 subscriptions.
 
-    python tests/performance/bench_fanout.py [--runs 3] [--quick] [--json FILE]
+    python tests/performance/bench_fanout.py [--runs 3] [--quick] [--mode burst|paced|both]
+        [--subscribers 100,1000] [--json FILE]
 """
 
 from __future__ import annotations
@@ -33,19 +41,51 @@ from typing import Any
 
 CASES = [(1, 100_000), (100, 10_000), (1000, 1000), (10_000, 100)]
 QUICK_CASES = [(1, 10_000), (100, 1000), (1000, 100), (10_000, 10)]
+# Paced: one wake-up per delivery, so 5x fewer deliveries per case.
+PACED_CASES = [(1, 20_000), (100, 2000), (1000, 200), (10_000, 20)]
 IMPLS = ["ours", "encode", "queue"]
 PAYLOAD = "x" * 100
 
 
+class Pace:
+    """Paced mode: the publisher waits until all ``subscribers`` have the event.
+
+    ``batch == 0`` means paced; every consumer calls `got` per event (in burst
+    mode too, so that both modes cost the consumers the same).
+    """
+
+    __slots__ = ("count", "paced", "step", "subscribers")
+
+    def __init__(self, subscribers: int, batch: int) -> None:
+        self.subscribers = subscribers
+        self.paced = batch == 0
+        self.count = 0
+        self.step = asyncio.Event()
+
+    def got(self) -> None:
+        self.count += 1
+        if self.count == self.subscribers:
+            self.count = 0
+            if self.paced:
+                self.step.set()
+
+
 async def _timed(
-    publish: Any, events: int, batch: int, done: asyncio.Event, tasks: list[Any]
+    publish: Any, events: int, batch: int, done: asyncio.Event, tasks: list[Any], pace: Pace
 ) -> float:
     """The measured part, the same for every broadcaster: publish, then wait for all."""
     start = time.perf_counter()
-    for i in range(events):
-        await publish("bench", PAYLOAD)
-        if i % batch == batch - 1:
-            await asyncio.sleep(0)
+    if pace.paced:
+        step = pace.step
+        for _ in range(events):
+            step.clear()
+            await publish("bench", PAYLOAD)
+            await step.wait()
+    else:
+        for i in range(events):
+            await publish("bench", PAYLOAD)
+            if i % batch == batch - 1:
+                await asyncio.sleep(0)
     await done.wait()
     elapsed = time.perf_counter() - start
     await asyncio.gather(*tasks)
@@ -58,12 +98,15 @@ async def run_ours(subscribers: int, events: int, batch: int) -> float:
     async with EventBroadcaster() as broadcaster:
         done = asyncio.Event()
         remaining = subscribers
+        pace = Pace(subscribers, batch)
 
         async def consume(sub: Any) -> None:
             nonlocal remaining
             n = 0
+            got = pace.got
             async with sub:
                 async for _ in sub:
+                    got()
                     n += 1
                     if n == events:
                         break
@@ -76,7 +119,7 @@ async def run_ours(subscribers: int, events: int, batch: int) -> float:
         for sub in subs:
             tasks.append(asyncio.ensure_future(consume(sub)))
         await asyncio.sleep(0.05)  # every subscriber entered and parked
-        return await _timed(broadcaster.publish, events, batch, done, tasks)
+        return await _timed(broadcaster.publish, events, batch, done, tasks, pace)
 
 
 async def run_encode(subscribers: int, events: int, batch: int) -> float:
@@ -86,13 +129,16 @@ async def run_encode(subscribers: int, events: int, batch: int) -> float:
         done = asyncio.Event()
         ready = 0
         remaining = subscribers
+        pace = Pace(subscribers, batch)
 
         async def consume() -> None:
             nonlocal remaining, ready
             n = 0
+            got = pace.got
             async with broadcast.subscribe("bench") as subscriber:
                 ready += 1
                 async for _ in subscriber:
+                    got()
                     n += 1
                     if n == events:
                         break
@@ -104,34 +150,32 @@ async def run_encode(subscribers: int, events: int, batch: int) -> float:
         while ready < subscribers:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)
-        return await _timed(broadcast.publish, events, batch, done, tasks)
+        return await _timed(broadcast.publish, events, batch, done, tasks, pace)
 
 
 async def run_queue(subscribers: int, events: int, batch: int) -> float:
     queues: list[asyncio.Queue[str]] = [asyncio.Queue() for _ in range(subscribers)]
     done = asyncio.Event()
     remaining = subscribers
+    pace = Pace(subscribers, batch)
 
     async def consume(queue: asyncio.Queue[str]) -> None:
         nonlocal remaining
+        got = pace.got
         for _ in range(events):
             await queue.get()
+            got()
         remaining -= 1
         if remaining == 0:
             done.set()
 
+    async def publish(_: str, data: str) -> None:
+        for queue in queues:
+            queue.put_nowait(data)
+
     tasks = [asyncio.ensure_future(consume(q)) for q in queues]
     await asyncio.sleep(0.05)
-    start = time.perf_counter()
-    for i in range(events):
-        for queue in queues:
-            queue.put_nowait(PAYLOAD)
-        if i % batch == batch - 1:
-            await asyncio.sleep(0)
-    await done.wait()
-    elapsed = time.perf_counter() - start
-    await asyncio.gather(*tasks)
-    return elapsed
+    return await _timed(publish, events, batch, done, tasks, pace)
 
 
 RUNNERS = {"ours": run_ours, "encode": run_encode, "queue": run_queue}
@@ -196,7 +240,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="runs per implementation and case")
     parser.add_argument("--quick", action="store_true", help="10x fewer events (smoke mode)")
-    parser.add_argument("--batch", type=int, default=100, help="publishes between yields")
+    parser.add_argument("--batch", type=int, default=100, help="publishes between yields (burst)")
+    parser.add_argument("--mode", choices=["burst", "paced", "both"], default="burst")
+    parser.add_argument("--subscribers", help="only these S, comma-separated (default: every case)")
     parser.add_argument("--idle", type=int, default=100_000, help="idle subscriptions measured")
     parser.add_argument("--json", help="write the results as JSON to this file")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
@@ -206,62 +252,85 @@ def main() -> None:
         child(impl, int(s), int(e), int(b))
         return
 
-    cases = QUICK_CASES if args.quick else CASES
+    modes = ["burst", "paced"] if args.mode == "both" else [args.mode]
+    only = {int(n) for n in args.subscribers.split(",")} if args.subscribers else None
     rows = []
-    for subscribers, events in cases:
-        samples: dict[str, list[dict[str, float]]] = {impl: [] for impl in IMPLS}
-        for run in range(args.runs):
-            # Alternate the order so that drift in machine load hits everyone alike.
-            order = IMPLS if run % 2 == 0 else IMPLS[::-1]
-            for impl in order:
-                samples[impl].append(run_child(impl, subscribers, events, args.batch))
-        row: dict[str, Any] = {"subscribers": subscribers, "events": events}
-        for impl in IMPLS:
-            elapsed = statistics.median(s["elapsed"] for s in samples[impl])
-            row[impl] = {
-                "median_s": elapsed,
-                "deliveries_per_s": subscribers * events / elapsed,
-                "peak_rss_mb": max(s["peak_rss_mb"] for s in samples[impl]),
-                "runs_s": [s["elapsed"] for s in samples[impl]],
-            }
-        row["vs_encode"] = row["ours"]["deliveries_per_s"] / row["encode"]["deliveries_per_s"]
-        row["vs_queue"] = row["ours"]["deliveries_per_s"] / row["queue"]["deliveries_per_s"]
-        rows.append(row)
-        print(
-            f"S={subscribers:>6} E={events:>7}  "
-            + "  ".join(f"{impl} {row[impl]['deliveries_per_s'] / 1e6:6.2f}M/s" for impl in IMPLS)
-            + f"  x{row['vs_encode']:.2f} encode  x{row['vs_queue']:.2f} queue",
-            flush=True,
-        )
-    idle = idle_subscription_bytes(args.idle // (10 if args.quick else 1))
+    for mode in modes:
+        cases = PACED_CASES if mode == "paced" else CASES
+        if args.quick:
+            cases = [(s, max(1, e // 10)) for s, e in cases]
+        batch = 0 if mode == "paced" else args.batch
+        for subscribers, events in cases:
+            if only is not None and subscribers not in only:
+                continue
+            rows.append(measure(mode, subscribers, events, batch, args.runs))
+    idle_count = args.idle // (10 if args.quick else 1)
+    idle = idle_subscription_bytes(idle_count) if idle_count else None
 
     print()
     print(f"Machine: {os.cpu_count()} cores, Python {platform.python_version()}, {versions()}")
-    print(f"Median of {args.runs} runs each, alternating; deliveries/s (M = 10^6); peak RSS MB.")
+    print(
+        f"Median of {args.runs} runs each, alternating; deliveries/s (M = 10^6); peak RSS MB; "
+        "ratios: median of the per-run ratios (range)."
+    )
     print()
-    header = ["S x E", "ours", "encode/broadcaster", "asyncio.Queue fan-out"]
+    header = ["mode", "S x E", "ours", "encode/broadcaster", "asyncio.Queue fan-out"]
     print("| " + " | ".join([*header, "ours / encode", "ours / queue"]) + " |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         cells = [
             f"{row[impl]['deliveries_per_s'] / 1e6:.2f}M ({row[impl]['peak_rss_mb']:.0f} MB)"
             for impl in IMPLS
         ]
+        ratios = [
+            f"{row[key]:.2f}x ({min(row[key + '_runs']):.2f}-{max(row[key + '_runs']):.2f})"
+            for key in ("vs_encode", "vs_queue")
+        ]
         print(
-            f"| {row['subscribers']} x {row['events']} | "
-            + " | ".join(cells)
-            + f" | {row['vs_encode']:.2f}x | {row['vs_queue']:.2f}x |"
+            f"| {row['mode']} | {row['subscribers']} x {row['events']} | "
+            + " | ".join(cells + ratios)
+            + " |"
         )
-    print()
-    print(
-        f"tracemalloc bytes per idle subscription ({args.idle // (10 if args.quick else 1)}): "
-        f"{idle:.0f} B"
-    )
+    if idle is not None:
+        print()
+        print(f"tracemalloc bytes per idle subscription ({idle_count}): {idle:.0f} B")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
                 {"rows": rows, "idle_subscription_bytes": idle, "versions": versions()}, f, indent=2
             )
+
+
+def measure(mode: str, subscribers: int, events: int, batch: int, runs: int) -> dict[str, Any]:
+    """One case: every implementation `runs` times, alternating; medians and per-run ratios."""
+    samples: dict[str, list[dict[str, float]]] = {impl: [] for impl in IMPLS}
+    for run in range(runs):
+        # Alternate the order so that drift in machine load hits everyone alike.
+        order = IMPLS if run % 2 == 0 else IMPLS[::-1]
+        for impl in order:
+            samples[impl].append(run_child(impl, subscribers, events, batch))
+    row: dict[str, Any] = {"mode": mode, "subscribers": subscribers, "events": events}
+    for impl in IMPLS:
+        elapsed = statistics.median(s["elapsed"] for s in samples[impl])
+        row[impl] = {
+            "median_s": elapsed,
+            "deliveries_per_s": subscribers * events / elapsed,
+            "peak_rss_mb": max(s["peak_rss_mb"] for s in samples[impl]),
+            "runs_s": [s["elapsed"] for s in samples[impl]],
+        }
+    ours = row["ours"]["runs_s"]
+    for peer in ("encode", "queue"):
+        # Runs of one round ran back to back: their ratio cancels most of the load drift.
+        per_run = [p / o for o, p in zip(ours, row[peer]["runs_s"], strict=True)]
+        row[f"vs_{peer}_runs"] = per_run
+        row[f"vs_{peer}"] = statistics.median(per_run)
+    print(
+        f"{mode:5} S={subscribers:>6} E={events:>7}  "
+        + "  ".join(f"{impl} {row[impl]['deliveries_per_s'] / 1e6:6.2f}M/s" for impl in IMPLS)
+        + f"  x{row['vs_encode']:.2f} encode  x{row['vs_queue']:.2f} queue",
+        flush=True,
+    )
+    return row
 
 
 if __name__ == "__main__":
