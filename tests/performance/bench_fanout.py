@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from collections import deque
 from typing import Any
 
 CASES = [(1, 100_000), (100, 10_000), (1000, 1000), (10_000, 100)]
@@ -44,7 +45,16 @@ QUICK_CASES = [(1, 10_000), (100, 1000), (1000, 100), (10_000, 10)]
 # Paced: one wake-up per delivery, so 5x fewer deliveries per case.
 PACED_CASES = [(1, 20_000), (100, 2000), (1000, 200), (10_000, 20)]
 IMPLS = ["ours", "encode", "queue"]
+NAMES = {
+    "ours": "ours",
+    "encode": "encode/broadcaster",
+    "queue": "asyncio.Queue fan-out",
+    "proto": "deque prototype",
+}
 PAYLOAD = "x" * 100
+# --clock cpu: the process's CPU time, which other processes' load does not inflate
+# (one thread, so it is the wall time of an idle machine).
+CLOCK = time.perf_counter
 
 
 class Pace:
@@ -74,7 +84,7 @@ async def _timed(
     publish: Any, events: int, batch: int, done: asyncio.Event, tasks: list[Any], pace: Pace
 ) -> float:
     """The measured part, the same for every broadcaster: publish, then wait for all."""
-    start = time.perf_counter()
+    start = CLOCK()
     if pace.paced:
         step = pace.step
         for _ in range(events):
@@ -87,7 +97,7 @@ async def _timed(
             if i % batch == batch - 1:
                 await asyncio.sleep(0)
     await done.wait()
-    elapsed = time.perf_counter() - start
+    elapsed = CLOCK() - start
     await asyncio.gather(*tasks)
     return elapsed
 
@@ -181,7 +191,75 @@ async def run_queue(subscribers: int, events: int, batch: int) -> float:
     return await _timed(publish, events, batch, done, tasks, pace)
 
 
-RUNNERS = {"ours": run_ours, "encode": run_encode, "queue": run_queue}
+class _ProtoSubscriber:
+    """The deque prototype's subscriber: a bounded deque and a waiter future."""
+
+    __slots__ = ("items", "loop", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.items: deque[Any] = deque()
+        self.loop = loop
+        self.waiter: asyncio.Future[None] | None = None
+
+    def __aiter__(self) -> _ProtoSubscriber:
+        return self
+
+    async def __anext__(self) -> Any:
+        items = self.items
+        while not items:
+            waiter = self.waiter = self.loop.create_future()
+            await waiter
+        return items.popleft()
+
+
+async def run_proto(subscribers: int, events: int, batch: int) -> float:
+    """The speed of light of the contract: the ~40-line deque prototype of #14
+    (history of 500, count-bounded queues dropping the newest; no ids, TTLs, bytes)."""
+    from sse_broadcaster._event import make_event
+
+    loop = asyncio.get_running_loop()
+    subs = [_ProtoSubscriber(loop) for _ in range(subscribers)]
+    history: deque[Any] = deque(maxlen=500)
+    seq = 0
+    done = asyncio.Event()
+    remaining = subscribers
+    pace = Pace(subscribers, batch)
+
+    async def publish(session_id: str, data: str) -> None:
+        nonlocal seq
+        seq += 1
+        event = make_event(str(seq), session_id, data, None, None, 0.0)
+        history.append(event)
+        for sub in subs:
+            items = sub.items
+            if len(items) < 1000:
+                items.append(event)
+            waiter = sub.waiter
+            if waiter is not None:
+                sub.waiter = None
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def consume(sub: _ProtoSubscriber) -> None:
+        nonlocal remaining
+        n = 0
+        got, paced = pace.got, pace.paced
+        async for _ in sub:
+            if paced:
+                got()
+            n += 1
+            if n == events:
+                break
+        remaining -= 1
+        if remaining == 0:
+            done.set()
+
+    tasks = [asyncio.ensure_future(consume(sub)) for sub in subs]
+    await asyncio.sleep(0.05)
+    return await _timed(publish, events, batch, done, tasks, pace)
+
+
+RUNNERS = {"ours": run_ours, "encode": run_encode, "queue": run_queue, "proto": run_proto}
 
 
 def idle_subscription_bytes(count: int) -> float:
@@ -209,15 +287,26 @@ def idle_subscription_bytes(count: int) -> float:
     return asyncio.run(main())
 
 
-def child(impl: str, subscribers: int, events: int, batch: int) -> None:
+def child(impl: str, subscribers: int, events: int, batch: int, clock: str) -> None:
+    global CLOCK
+    CLOCK = time.process_time if clock == "cpu" else time.perf_counter
     elapsed = asyncio.run(RUNNERS[impl](subscribers, events, batch))
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"elapsed": elapsed, "peak_rss_mb": peak_kb / 1024}))
 
 
-def run_child(impl: str, subscribers: int, events: int, batch: int) -> dict[str, float]:
+def run_child(impl: str, subscribers: int, events: int, batch: int, clock: str) -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", impl, str(subscribers), str(events), str(batch)],
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            impl,
+            str(subscribers),
+            str(events),
+            str(batch),
+            clock,
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -248,13 +337,27 @@ def main() -> None:
     parser.add_argument("--subscribers", help="only these S, comma-separated (default: every case)")
     parser.add_argument("--idle", type=int, default=100_000, help="idle subscriptions measured")
     parser.add_argument("--json", help="write the results as JSON to this file")
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="time the runs by wall clock or by the process's CPU time (robust on a busy machine)",
+    )
+    parser.add_argument(
+        "--impls",
+        default=",".join(IMPLS),
+        help=f"comma-separated, ours first (of {', '.join(RUNNERS)})",
+    )
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        impl, s, e, b = args.child
-        child(impl, int(s), int(e), int(b))
+        impl, s, e, b, clock = args.child
+        child(impl, int(s), int(e), int(b), clock)
         return
 
+    impls = args.impls.split(",")
+    if impls[0] != "ours" or not set(impls) <= set(RUNNERS):
+        parser.error(f"--impls must start with ours and name only {', '.join(RUNNERS)}")
     modes = ["burst", "paced"] if args.mode == "both" else [args.mode]
     only = {int(n) for n in args.subscribers.split(",")} if args.subscribers else None
     rows = []
@@ -266,28 +369,29 @@ def main() -> None:
         for subscribers, events in cases:
             if only is not None and subscribers not in only:
                 continue
-            rows.append(measure(mode, subscribers, events, batch, args.runs))
+            rows.append(measure(impls, mode, subscribers, events, batch, args.runs, args.clock))
     idle_count = args.idle // (10 if args.quick else 1)
     idle = idle_subscription_bytes(idle_count) if idle_count else None
 
     print()
     print(f"Machine: {os.cpu_count()} cores, Python {platform.python_version()}, {versions()}")
     print(
-        f"Median of {args.runs} runs each, alternating; deliveries/s (M = 10^6); peak RSS MB; "
-        "ratios: median of the per-run ratios (range)."
+        f"Median of {args.runs} runs each, alternating, {args.clock} clock; deliveries/s "
+        "(M = 10^6); peak RSS MB; ratios: median of the per-run ratios (range)."
     )
     print()
-    header = ["mode", "S x E", "ours", "encode/broadcaster", "asyncio.Queue fan-out"]
-    print("| " + " | ".join([*header, "ours / encode", "ours / queue"]) + " |")
-    print("|---|---|---|---|---|---|---|")
+    peers = impls[1:]
+    header = ["mode", "S x E", *(NAMES[impl] for impl in impls), *(f"ours / {p}" for p in peers)]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
     for row in rows:
         cells = [
             f"{row[impl]['deliveries_per_s'] / 1e6:.2f}M ({row[impl]['peak_rss_mb']:.0f} MB)"
-            for impl in IMPLS
+            for impl in impls
         ]
         ratios = [
             f"{row[key]:.2f}x ({min(row[key + '_runs']):.2f}-{max(row[key + '_runs']):.2f})"
-            for key in ("vs_encode", "vs_queue")
+            for key in (f"vs_{p}" for p in peers)
         ]
         print(
             f"| {row['mode']} | {row['subscribers']} x {row['events']} | "
@@ -304,16 +408,18 @@ def main() -> None:
             )
 
 
-def measure(mode: str, subscribers: int, events: int, batch: int, runs: int) -> dict[str, Any]:
+def measure(
+    impls: list[str], mode: str, subscribers: int, events: int, batch: int, runs: int, clock: str
+) -> dict[str, Any]:
     """One case: every implementation `runs` times, alternating; medians and per-run ratios."""
-    samples: dict[str, list[dict[str, float]]] = {impl: [] for impl in IMPLS}
+    samples: dict[str, list[dict[str, float]]] = {impl: [] for impl in impls}
     for run in range(runs):
         # Alternate the order so that drift in machine load hits everyone alike.
-        order = IMPLS if run % 2 == 0 else IMPLS[::-1]
+        order = impls if run % 2 == 0 else impls[::-1]
         for impl in order:
-            samples[impl].append(run_child(impl, subscribers, events, batch))
+            samples[impl].append(run_child(impl, subscribers, events, batch, clock))
     row: dict[str, Any] = {"mode": mode, "subscribers": subscribers, "events": events}
-    for impl in IMPLS:
+    for impl in impls:
         elapsed = statistics.median(s["elapsed"] for s in samples[impl])
         row[impl] = {
             "median_s": elapsed,
@@ -322,15 +428,15 @@ def measure(mode: str, subscribers: int, events: int, batch: int, runs: int) -> 
             "runs_s": [s["elapsed"] for s in samples[impl]],
         }
     ours = row["ours"]["runs_s"]
-    for peer in ("encode", "queue"):
+    for peer in impls[1:]:
         # Runs of one round ran back to back: their ratio cancels most of the load drift.
         per_run = [p / o for o, p in zip(ours, row[peer]["runs_s"], strict=True)]
         row[f"vs_{peer}_runs"] = per_run
         row[f"vs_{peer}"] = statistics.median(per_run)
     print(
         f"{mode:5} S={subscribers:>6} E={events:>7}  "
-        + "  ".join(f"{impl} {row[impl]['deliveries_per_s'] / 1e6:6.2f}M/s" for impl in IMPLS)
-        + f"  x{row['vs_encode']:.2f} encode  x{row['vs_queue']:.2f} queue",
+        + "  ".join(f"{impl} {row[impl]['deliveries_per_s'] / 1e6:6.2f}M/s" for impl in impls)
+        + "".join(f"  x{row['vs_' + peer]:.2f} {peer}" for peer in impls[1:]),
         flush=True,
     )
     return row
