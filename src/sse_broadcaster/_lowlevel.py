@@ -21,6 +21,9 @@ __all__ = ["Parker", "current_loop_token", "make_parker", "start_ticker"]
 
 logger = logging.getLogger("sse_broadcaster")
 
+_Future = asyncio.Future
+_base_create_future = asyncio.BaseEventLoop.create_future
+
 
 class Parker:
     """Parks one task at a time; `unpark` is safe to call when nobody waits.
@@ -48,6 +51,17 @@ class _AsyncioParker(Parker):
     def park(self) -> Awaitable[None]:
         # The future stays here once done (or cancelled): unpark skips it.
         future = self._future = self._loop.create_future()
+        return future
+
+
+class _BaseLoopParker(_AsyncioParker):
+    """For asyncio's own loops, whose ``create_future`` is ``Future(loop=self)``
+    in Python: the same future without that frame (a tenth of a paced wake-up)."""
+
+    __slots__ = ()
+
+    def park(self) -> Awaitable[None]:
+        future = self._future = _Future(loop=self._loop)
         return future
 
     def unpark(self) -> None:
@@ -109,7 +123,9 @@ def make_parker() -> Parker:
     except RuntimeError:
         pass
     else:
-        return _AsyncioParker(loop)
+        if type(loop).create_future is _base_create_future:
+            return _BaseLoopParker(loop)
+        return _AsyncioParker(loop)  # uvloop's, or another loop's own futures
     trio = sys.modules.get("trio")
     if trio is not None:
         try:
