@@ -127,14 +127,14 @@ class _SubscriberRef(weakref.ref["Subscription"]):
     the fan-out loop checks the byte bound with one load and no store per
     subscriber (`Hub.deliver`); taking the queue sets it to ``tally.sent``.
     """
+    waker: Parker | None
+    """The consumer's parker while it waits for an event."""
+    attached: bool
 
     @property
     def bytes(self) -> int:
         """Encoded bytes in ``items``."""
         return self.tally.sent - self.mark
-    waker: Parker | None
-    """The consumer's parker while it waits for an event."""
-    attached: bool
 
 
 class Subscription:
