@@ -340,6 +340,51 @@ async def test_drop_oldest_by_bytes_drops_enough_to_fit() -> None:
         assert sub.dropped >= 1
 
 
+@pytest.mark.parametrize("policy", [OverflowPolicy.DROP_NEWEST, OverflowPolicy.DROP_OLDEST])
+async def test_queue_bytes_bound_each_subscriber_as_a_model_queue(policy: OverflowPolicy) -> None:
+    # The fan-out counts each queue's bytes against the session's running total
+    # (_SubscriberRef.mark): subscribers that joined late, took their queue at
+    # different times or dropped different events must each hold exactly what a
+    # model holds: a bounded inbox, and the batch the consumer took out of it.
+    rng = random.Random(14)
+    config = BroadcasterConfig(
+        max_event_bytes=400, max_queue_bytes=1000, max_queue_size=8, overflow_policy=policy
+    )
+    async with EventBroadcaster(config) as broadcaster, contextlib.AsyncExitStack() as stack:
+        subs: list[Subscription] = []
+        models: list[tuple[list[Event], list[Event]]] = []  # (batch, inbox)
+        for step in range(400):
+            if step % 40 == 0:
+                subs.append(await stack.enter_async_context(broadcaster.subscribe("room")))
+                models.append(([], []))
+            event = await broadcaster.publish("room", "x" * rng.randrange(1, 300))
+            for sub, (batch, inbox) in zip(subs, models, strict=True):
+                if policy is OverflowPolicy.DROP_NEWEST:
+                    if len(inbox) < 8 and sum(e.size for e in inbox) + event.size <= 1000:
+                        inbox.append(event)
+                else:
+                    inbox.append(event)
+                    while len(inbox) > 8 or sum(e.size for e in inbox) > 1000:
+                        inbox.pop(0)
+                assert sub._inbox is not None
+                assert sub._inbox.bytes == sum(e.size for e in inbox)
+                if rng.random() < 0.2:
+                    limit = rng.choice([None, 1, 3])
+                    expected: list[Event] = []
+                    while limit is None or len(expected) < limit:
+                        if not batch:
+                            if not inbox:
+                                break
+                            batch += inbox  # taken whole (the consumer's swap)
+                            inbox.clear()
+                        expected.append(batch.pop(0))
+                    assert sub.drain_nowait(max_events=limit) == expected
+                    assert sub._inbox.bytes == sum(e.size for e in inbox)
+        for sub, (batch, inbox) in zip(subs, models, strict=True):
+            assert sub.drain_nowait() == batch + inbox
+        assert sum(sub.dropped for sub in subs) > 100  # the bounds were exercised
+
+
 # -- abandonment -----------------------------------------------------------------------------
 
 

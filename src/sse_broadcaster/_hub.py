@@ -16,7 +16,7 @@ import anyio
 from ._config import BroadcasterConfig
 from ._errors import BroadcasterClosedError, SubscriberLimitError
 from ._event import Event
-from ._subscription import Subscription, _SubscriberRef
+from ._subscription import Subscription, _SubscriberRef, _Tally
 from ._types import Clock
 from .backends._base import Backend
 
@@ -24,13 +24,16 @@ __all__ = ["Hub"]
 
 logger = logging.getLogger("sse_broadcaster")
 
+_DETACHED = _Tally()  # never counts: no fan-out delivers through it
 
-class _Fanout:
-    """This process's subscribers of one session, held weakly."""
+
+class _Fanout(_Tally):
+    """This process's subscribers of one session, held weakly, and the bytes sent to them."""
 
     __slots__ = ("refs", "snapshot")
 
     def __init__(self) -> None:
+        super().__init__()
         self.refs: set[_SubscriberRef] = set()
         self.snapshot: tuple[_SubscriberRef, ...] | None = None
 
@@ -104,15 +107,17 @@ class Hub:
             snapshot = fanout.snapshot = tuple(fanout.refs)
         size = len(event._wire)
         max_items = self.config.max_queue_size
-        max_bytes = self.config.max_queue_bytes - size
+        sent = fanout.sent = fanout.sent + size
+        # A queue has room for the event when its bytes (sent - ref.mark) stay within
+        # the bound: one load per subscriber, no store (see _SubscriberRef.mark).
+        floor = sent - self.config.max_queue_bytes
         for ref in snapshot:
             # Subscription._push, inlined for the common case: room in an open queue
             # (``items`` is None unless the subscription is open and has had an
             # event). The subscription itself is only looked up on the slow path.
             items = ref.items
-            if items is not None and len(items) < max_items and ref.bytes <= max_bytes:
+            if items is not None and len(items) < max_items and ref.mark >= floor:
                 items.append(event)
-                ref.bytes += size
                 waker = ref.waker
                 if waker is not None:
                     ref.waker = None
@@ -198,7 +203,8 @@ class Hub:
             ref = _SubscriberRef(subscription, self._on_abandoned)
             ref.session_id = session_id
             ref.items = None
-            ref.bytes = 0
+            ref.tally = fanout
+            ref.mark = fanout.sent
             ref.waker = None
             ref.attached = True
             subscription._ref = subscription._inbox = ref
@@ -246,7 +252,9 @@ class Hub:
         # The producer's fast path stops here; the consumer has taken what it needs.
         ref.attached = False
         ref.items = None
-        ref.bytes = 0
+        # Off the session's tally: the bytes of a detached queue stay 0.
+        ref.tally = _DETACHED
+        ref.mark = 0
         self.subscribers -= 1
         fanout = self.fanouts.get(ref.session_id)
         if fanout is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -21,13 +21,20 @@ __all__ = ["Parker", "current_loop_token", "make_parker", "start_ticker"]
 
 logger = logging.getLogger("sse_broadcaster")
 
+_Future = asyncio.Future
+_base_create_future = asyncio.BaseEventLoop.create_future
+
 
 class Parker:
-    """Parks one task at a time; `unpark` is safe to call when nobody waits."""
+    """Parks one task at a time; `unpark` is safe to call when nobody waits.
+
+    ``park()`` returns what to await (``await parker.park()``), not a coroutine
+    of its own: on asyncio that is the future itself, one frame less per wake-up.
+    """
 
     __slots__ = ()
 
-    async def park(self) -> None:
+    def park(self) -> Awaitable[None]:
         raise NotImplementedError
 
     def unpark(self) -> None:
@@ -41,12 +48,21 @@ class _AsyncioParker(Parker):
         self._loop = loop
         self._future: asyncio.Future[None] | None = None
 
-    async def park(self) -> None:
+    def park(self) -> Awaitable[None]:
+        # The future stays here once done (or cancelled): unpark skips it.
         future = self._future = self._loop.create_future()
-        try:
-            await future
-        finally:
-            self._future = None
+        return future
+
+
+class _BaseLoopParker(_AsyncioParker):
+    """For asyncio's own loops, whose ``create_future`` is ``Future(loop=self)``
+    in Python: the same future without that frame (a tenth of a paced wake-up)."""
+
+    __slots__ = ()
+
+    def park(self) -> Awaitable[None]:
+        future = self._future = _Future(loop=self._loop)
+        return future
 
     def unpark(self) -> None:
         future = self._future
@@ -61,7 +77,7 @@ class _TrioParker(Parker):
         self._trio = trio
         self._task: Any = None
 
-    async def park(self) -> None:
+    def park(self) -> Awaitable[None]:
         lowlevel = self._trio.lowlevel
         self._task = lowlevel.current_task()
 
@@ -69,7 +85,8 @@ class _TrioParker(Parker):
             self._task = None
             return lowlevel.Abort.SUCCEEDED
 
-        await lowlevel.wait_task_rescheduled(abort)
+        wait: Awaitable[None] = lowlevel.wait_task_rescheduled(abort)
+        return wait
 
     def unpark(self) -> None:
         task = self._task
@@ -84,7 +101,10 @@ class _AnyioParker(Parker):
     def __init__(self) -> None:
         self._event: anyio.Event | None = None
 
-    async def park(self) -> None:
+    def park(self) -> Awaitable[None]:
+        return self._park()
+
+    async def _park(self) -> None:
         event = self._event = anyio.Event()
         try:
             await event.wait()
@@ -103,7 +123,9 @@ def make_parker() -> Parker:
     except RuntimeError:
         pass
     else:
-        return _AsyncioParker(loop)
+        if type(loop).create_future is _base_create_future:
+            return _BaseLoopParker(loop)
+        return _AsyncioParker(loop)  # uvloop's, or another loop's own futures
     trio = sys.modules.get("trio")
     if trio is not None:
         try:

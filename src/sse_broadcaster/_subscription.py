@@ -96,6 +96,15 @@ class _Owner(Protocol):
         """Count (and log) a subscriber disconnected for falling behind."""
 
 
+class _Tally:
+    """Encoded bytes delivered to one session's subscribers here, ever (`_hub._Fanout`)."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+
 class _SubscriberRef(weakref.ref["Subscription"]):
     """The broadcaster's handle on a subscription: a weak reference to it that also
     carries the producer's side of its queue.
@@ -105,15 +114,27 @@ class _SubscriberRef(weakref.ref["Subscription"]):
     weakly, so one that is abandoned is collected, queue included.
     """
 
-    __slots__ = ("attached", "bytes", "items", "session_id", "waker")
+    __slots__ = ("attached", "items", "mark", "session_id", "tally", "waker")
     session_id: str
     items: deque[Event] | None
     """Live events not yet taken by the consumer (None: not open, or no event yet)."""
-    bytes: int
-    """Encoded bytes in ``items``."""
+    tally: _Tally
+    """The session's count of bytes delivered (``tally.sent``)."""
+    mark: int
+    """``tally.sent`` minus the encoded bytes in ``items``.
+
+    Every delivered event is appended or counted into the mark (dropped), so
+    the fan-out loop checks the byte bound with one load and no store per
+    subscriber (`Hub.deliver`); taking the queue sets it to ``tally.sent``.
+    """
     waker: Parker | None
     """The consumer's parker while it waits for an event."""
     attached: bool
+
+    @property
+    def bytes(self) -> int:
+        """Encoded bytes in ``items``."""
+        return self.tally.sent - self.mark
 
 
 class Subscription:
@@ -250,6 +271,8 @@ class Subscription:
         items = inbox.items
         if items is None:
             items = inbox.items = deque()
+        # The tally counts this event already: until it is appended, it is in the mark.
+        inbox.mark += size
         if len(items) >= self._max_items or inbox.bytes + size > self._max_bytes:
             policy = self._policy
             if policy is OverflowPolicy.DROP_NEWEST:
@@ -268,12 +291,12 @@ class Subscription:
                 return
             drops = 0
             while items and (len(items) >= self._max_items or inbox.bytes + size > self._max_bytes):
-                inbox.bytes -= len(items.popleft()._wire)
+                inbox.mark += len(items.popleft()._wire)
                 drops += 1
             self.dropped += drops
             self._owner.count_drops(drops)
         items.append(event)
-        inbox.bytes += size
+        inbox.mark -= size
         waker = inbox.waker
         if waker is not None:
             inbox.waker = None
@@ -327,7 +350,7 @@ class Subscription:
             inbox = self._inbox
             if inbox is not None and inbox.items:
                 inbox.items.clear()
-                inbox.bytes = 0
+                inbox.mark = inbox.tally.sent
             if self._state == _ENDING:
                 self._error = exc
             self._end(exc)
@@ -372,7 +395,7 @@ class Subscription:
             if items:
                 # Take everything queued in O(1): the empty batch becomes the producer's.
                 inbox.items = batch if batch is not None else deque()
-                inbox.bytes = 0
+                inbox.mark = inbox.tally.sent
                 self._batch = items
                 return items.popleft()
         return None
@@ -470,7 +493,7 @@ class Subscription:
             if inbox is not None and inbox.items:
                 taken.extend(inbox.items)
                 inbox.items.clear()
-                inbox.bytes = 0
+                inbox.mark = inbox.tally.sent
             return taken
         taken = []
         size = 0
@@ -519,6 +542,32 @@ class Subscription:
         batch = self._batch
         if batch:  # the hot path: one frame, no await
             return batch.popleft()
+        inbox = self._inbox
+        # Live and open: `receive` (take the inbox, or park until the producer
+        # appends) inlined, so that a wake-up costs no frame of ours but this one.
+        while self._state == _OPEN and self._replay is None and inbox is not None:
+            items = inbox.items
+            if items:
+                # Take everything queued in O(1): the empty batch becomes the producer's.
+                inbox.items = batch if batch is not None else deque()
+                inbox.mark = inbox.tally.sent
+                self._batch = items
+                return items.popleft()
+            if self._waiting:
+                raise anyio.BusyResourceError("receiving from")
+            parker = self._parker
+            if parker is None:
+                parker = self._parker = make_parker()
+            inbox.waker = parker
+            self._waiting = True
+            try:
+                await parker.park()
+            finally:
+                self._waiting = False
+                inbox.waker = None
+            batch = self._batch
+            if batch:  # _end moved the inbox here
+                return batch.popleft()
         try:
             return await self.receive()
         except anyio.EndOfStream:
@@ -561,5 +610,5 @@ class Subscription:
         inbox = self._inbox
         if inbox is not None:
             inbox.items = None
-            inbox.bytes = 0
+            inbox.mark = inbox.tally.sent
         self._batch = self._held = self._replay = None
