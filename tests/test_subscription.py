@@ -631,3 +631,34 @@ async def test_subscriber_counts_under_random_operations(seed: int) -> None:
             await broadcaster.cleanup()
             assert broadcaster.stats()["totalSubscribers"] == attached
     assert broadcaster.stats()["totalSubscribers"] == 0
+
+
+def test_a_parked_subscriber_wakes_on_uvloop() -> None:
+    # uvloop's loops make their own futures: the parker takes the other path
+    # (_lowlevel._AsyncioParker), which the asyncio-backed tests never reach.
+    import uvloop  # requirements/test.txt installs it (uvicorn[standard])
+
+    from sse_broadcaster._lowlevel import _AsyncioParker, make_parker
+
+    async def main() -> list[str]:
+        assert type(make_parker()) is _AsyncioParker
+        async with (
+            EventBroadcaster() as broadcaster,
+            broadcaster.subscribe("room") as sub,
+            anyio.create_task_group() as tg,
+        ):
+            received: list[str] = []
+
+            async def consume() -> None:
+                async for event in sub:  # parks: nothing is queued yet
+                    received.append(event.data)
+                    if len(received) == 3:
+                        return
+
+            tg.start_soon(consume)
+            for data in ("a", "b", "c"):
+                await anyio.sleep(0.01)
+                await broadcaster.publish("room", data)
+        return received
+
+    assert uvloop.run(main()) == ["a", "b", "c"]

@@ -53,6 +53,11 @@ class _AsyncioParker(Parker):
         future = self._future = self._loop.create_future()
         return future
 
+    def unpark(self) -> None:
+        future = self._future
+        if future is not None and not future.done():
+            future.set_result(None)
+
 
 class _BaseLoopParker(_AsyncioParker):
     """For asyncio's own loops, whose ``create_future`` is ``Future(loop=self)``
@@ -63,11 +68,6 @@ class _BaseLoopParker(_AsyncioParker):
     def park(self) -> Awaitable[None]:
         future = self._future = _Future(loop=self._loop)
         return future
-
-    def unpark(self) -> None:
-        future = self._future
-        if future is not None and not future.done():
-            future.set_result(None)
 
 
 class _TrioParker(Parker):
