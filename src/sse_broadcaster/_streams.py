@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import anyio
+import anyio.lowlevel
 
 from ._errors import BroadcasterError, SlowSubscriberError
 from ._event import Event, encode_comment
@@ -64,6 +65,11 @@ PING = encode_comment("ping")
 WRITE_CHUNK = 65_536
 # Writes closer together than this many flush windows count as a burst.
 _BURST_WINDOWS = 5
+# A held flush goes out after this many loop iterations in a row that brought
+# its stream no new event. Two, not one: trio may run the publisher and the
+# holder in either order within an iteration, so that one iteration can see
+# nothing new in the middle of a burst; two in a row cannot.
+_QUIET_ITERATIONS = 2
 
 
 class StreamSource(Protocol):
@@ -114,14 +120,17 @@ def check_flush_window(flush_window: float) -> float:
 
 
 class _Gate:
-    """The flush window of one session's streams in this process: one timer for all.
+    """The flush of one session's streams in this process: one holder for all.
 
     A stream woken for an event that no stream of the session has written yet,
-    less than five windows after the session's last write, is in a burst: it
-    waits for the session's flush (started by the first such stream, one
-    window long) so that more events join its write. Streams writing the same
-    event as the one before them (the fan-out of one event) never wait, and the
-    first event after a quiet spell goes out at once.
+    less than five windows after the session's last write, may be in a burst:
+    it waits for the session's flush so that more events join its write. The
+    first such stream holds the flush: it yields to the event loop, once per
+    loop iteration, until two iterations in a row brought its source no new
+    event, and at most `window` seconds; the others wait for it. No timer: an
+    event that nothing follows is held for two loop iterations, not a window.
+    Streams writing the same event as the one before them (the fan-out of one
+    event) never wait, and the first event after a quiet spell goes out at once.
     """
 
     __slots__ = ("flush", "last_event", "last_write", "streams")
@@ -132,14 +141,21 @@ class _Gate:
         self.last_write = 0.0
         self.streams = 0
 
-    async def wait(self, window: float) -> None:
+    async def wait(self, window: float, source: StreamSource) -> None:
         flush = self.flush
         if flush is not None:
             await flush.wait()
             return
         flush = self.flush = anyio.Event()
         try:
-            await anyio.sleep(window)
+            deadline = time.monotonic() + window
+            queued = source.queued
+            quiet = 0
+            while quiet < _QUIET_ITERATIONS and time.monotonic() < deadline:
+                await anyio.lowlevel.checkpoint()
+                now = source.queued
+                quiet = quiet + 1 if now <= queued else 0
+                queued = now
         finally:
             # Also when this stream is cancelled: the others must not wait forever.
             self.flush = None
@@ -382,7 +398,7 @@ async def run_stream(
                     and time.monotonic() - gate.last_write < burst_gap
                     and not subscription.queued  # a full chunk waits for nothing
                 ):
-                    await gate.wait(flush_window)
+                    await gate.wait(flush_window, subscription)
                     room = WRITE_CHUNK - sum([len(event._wire) for event in batch])
                     if room > 0:
                         batch += subscription.drain_nowait(max_bytes=room)
