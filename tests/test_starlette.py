@@ -243,6 +243,26 @@ async def test_a_burst_is_held_at_most_one_window(broadcaster: EventBroadcaster)
             assert time.monotonic() - start < 5, "the burst was held past its window"
 
 
+async def test_a_held_burst_never_overflows_a_small_queue() -> None:
+    # Held until 5 events are queued (half the bound), never 30 s nor 11 events.
+    broadcaster = EventBroadcaster(BroadcasterConfig(max_queue_size=10, retry_ms=None))
+    endpoint = sse_endpoint(broadcaster, flush_window=30.0)
+    async with lifespan(broadcaster)(None), request(endpoint, {"session_id": "room"}) as exchange:
+        with anyio.fail_after(5):
+            while broadcaster.stats()["totalSubscribers"] < 1:
+                await anyio.sleep(0.01)
+        first = await broadcaster.publish("room", "first")
+        await exchange.wait_for_body(lambda body: body == first.encode())
+        events = []
+        for i in range(100):
+            events.append(await broadcaster.publish("room", f"e{i}"))
+            await anyio.lowlevel.checkpoint()
+        expected = first.encode() + b"".join(e.encode() for e in events)
+        with anyio.fail_after(5):
+            await exchange.wait_for_body(lambda body: body == expected)
+        assert broadcaster.stats()["totalSubscribers"] == 1  # not dropped as slow
+
+
 async def test_an_event_after_a_quiet_spell_is_written_at_once(
     broadcaster: EventBroadcaster,
 ) -> None:

@@ -3,7 +3,8 @@
 A response enters a `Subscription` (or wraps a generator, see `_sources`) and
 hands `run_stream` that source and a coroutine that writes bytes to its
 client. `run_stream` owns the timing: keep-alive comments, the send timeout,
-batching (the flush window), and ending on the server's shutdown. One
+batching (the flush, held only while a burst lasts), and ending on the
+server's shutdown. One
 `StreamRegistry` per broadcaster (and one for the streams of no broadcaster)
 holds its open streams and one watchdog timer for all of them. Nothing here
 imports a web framework.
@@ -24,6 +25,8 @@ import anyio.lowlevel
 from ._errors import BroadcasterError, SlowSubscriberError
 from ._event import Event, encode_comment
 from ._lowlevel import current_loop_token, start_ticker
+from ._sources import MultiSource
+from ._subscription import Subscription
 
 if TYPE_CHECKING:
     from ._broadcaster import EventBroadcaster
@@ -44,14 +47,19 @@ __all__ = [
 
 logger = logging.getLogger("sse_broadcaster")
 
-#: The default ``flush_window`` of `sse_endpoint` and `sse_handler`, in seconds.
+#: The default ``flush_window`` of `sse_endpoint` and `sse_handler`, in seconds:
+#: the longest a burst's write is held back, not a delay every event pays.
 #:
-#: During a burst (an event newer than the session's last write, less than
-#: five windows after it), a stream waits for the session's flush, this many
-#: seconds long and shared by all the session's streams in this process, so
-#: that more events join its write. An event after a quiet spell, and the
-#: fan-out of one event to a session's streams, are written at once.
-#: ``flush_window=0`` writes every batch at once.
+#: A stream woken for an event newer than the session's last write, less than
+#: five windows after it, may be in a burst: the session's flush (one for all
+#: the session's streams in this process) holds its write while each loop
+#: iteration brings a new event, and sends it after two iterations that
+#: brought none, or after this many seconds of a burst that does not stop.
+#: There is no timer: an event that nothing follows is held for two loop
+#: iterations (microseconds), the first event after a quiet spell and the
+#: fan-out of one event to a session's streams are written at once. While a
+#: write is in flight, what arrives joins the next one. ``flush_window=0``
+#: never holds a write: every wake-up writes what it found.
 FLUSH_WINDOW = 0.001
 
 #: How a stream ended, as `run_stream` reports it.
@@ -70,6 +78,9 @@ _BURST_WINDOWS = 5
 # holder in either order within an iteration, so that one iteration can see
 # nothing new in the middle of a burst; two in a row cannot.
 _QUIET_ITERATIONS = 2
+# A hold also ends once this many events are queued: a write of them costs
+# little more than a write of one, and the queue stays far from its bound.
+_HOLD_EVENTS = 256
 
 
 class StreamSource(Protocol):
@@ -141,7 +152,7 @@ class _Gate:
         self.last_write = 0.0
         self.streams = 0
 
-    async def wait(self, window: float, source: StreamSource) -> None:
+    async def wait(self, window: float, source: StreamSource, limit: int) -> None:
         flush = self.flush
         if flush is not None:
             await flush.wait()
@@ -151,7 +162,7 @@ class _Gate:
             deadline = time.monotonic() + window
             queued = source.queued
             quiet = 0
-            while quiet < _QUIET_ITERATIONS and time.monotonic() < deadline:
+            while quiet < _QUIET_ITERATIONS and queued < limit and time.monotonic() < deadline:
                 await anyio.lowlevel.checkpoint()
                 now = source.queued
                 quiet = quiet + 1 if now <= queued else 0
@@ -370,6 +381,7 @@ async def run_stream(
         # event no stream has written yet, means a burst.
         burst_gap = _BURST_WINDOWS * flush_window
         gate = registry._gate(session_id) if flush_window > 0 else None
+        hold_limit = _hold_limit(subscription)
         try:
             if first:
                 await writer.write(first)
@@ -398,7 +410,7 @@ async def run_stream(
                     and time.monotonic() - gate.last_write < burst_gap
                     and not subscription.queued  # a full chunk waits for nothing
                 ):
-                    await gate.wait(flush_window, subscription)
+                    await gate.wait(flush_window, subscription, hold_limit)
                     room = WRITE_CHUNK - sum([len(event._wire) for event in batch])
                     if room > 0:
                         batch += subscription.drain_nowait(max_bytes=room)
@@ -437,6 +449,19 @@ async def run_stream(
         finally:
             registry._streams.discard(stream)
     return outcome
+
+
+def _hold_limit(source: StreamSource) -> int:
+    """Queued events that end a held flush: `_HOLD_EVENTS`, and at most half the
+    queue bound of every subscription behind `source`, so that holding a write
+    never makes its stream a slow subscriber."""
+    if isinstance(source, Subscription):
+        bounds = [source._max_items]
+    elif isinstance(source, MultiSource):
+        bounds = [sub._max_items for sub in source.multi._subs]
+    else:
+        return _HOLD_EVENTS
+    return max(1, min(_HOLD_EVENTS, *[bound // 2 for bound in bounds]))
 
 
 def _join(batch: list[Event]) -> bytes:
