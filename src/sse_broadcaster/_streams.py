@@ -159,14 +159,20 @@ class _Gate:
             return
         flush = self.flush = anyio.Event()
         try:
-            deadline = time.monotonic() + window
             queued = source.queued
             quiet = 0
-            while quiet < _QUIET_ITERATIONS and queued < limit and time.monotonic() < deadline:
-                await anyio.lowlevel.checkpoint()
+            await anyio.lowlevel.checkpoint()
+            # The window starts after the first iteration: with many streams
+            # that iteration is the session's own fan-out waking, which would
+            # otherwise use up the window before one more event could join.
+            deadline = time.monotonic() + window
+            while True:
                 now = source.queued
                 quiet = quiet + 1 if now <= queued else 0
                 queued = now
+                if quiet >= _QUIET_ITERATIONS or queued >= limit or time.monotonic() >= deadline:
+                    return
+                await anyio.lowlevel.checkpoint()
         finally:
             # Also when this stream is cancelled: the others must not wait forever.
             self.flush = None
