@@ -21,6 +21,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import httpx
 import pytest
 from httpx_sse import aconnect_sse
@@ -213,18 +214,56 @@ def test_endpoint_arguments() -> None:
             sse_endpoint(broadcaster, flush_window=bad)
 
 
-async def test_flush_window_coalesces(broadcaster: EventBroadcaster) -> None:
+async def test_a_burst_is_held_while_events_keep_coming(broadcaster: EventBroadcaster) -> None:
+    endpoint = sse_endpoint(broadcaster, flush_window=30.0)
+    async with request(endpoint, {"session_id": "room"}) as exchange:
+        await exchange.wait_for_body(bool)
+        # Right after the opening write: a burst. One event per loop iteration
+        # keeps the flush held; the first quiet iteration writes them all.
+        events = []
+        for data in "abcdefgh":
+            events.append(await broadcaster.publish("room", data))
+            await anyio.lowlevel.checkpoint()
+        with anyio.fail_after(5):  # held one iteration past the burst, not 30 s
+            await exchange.wait_for_body(lambda body: body.endswith(events[-1].encode()))
+        writes = [m["body"] for m in exchange.messages if m.get("body")]
+        assert writes[-1] == b"".join(e.encode() for e in events)
+
+
+async def test_a_burst_is_held_at_most_one_window(broadcaster: EventBroadcaster) -> None:
     endpoint = sse_endpoint(broadcaster, flush_window=0.05)
     async with request(endpoint, {"session_id": "room"}) as exchange:
         await exchange.wait_for_body(bool)
-        events = [await broadcaster.publish("room", "a")]
-        await anyio.sleep(0.01)  # the stream wakes, then waits for the window
-        events.append(await broadcaster.publish("room", "b"))
-        await exchange.wait_for_body(lambda body: body.endswith(events[-1].encode()))
-        assert exchange.messages[-1]["body"] == b"".join(e.encode() for e in events)
+        first = await broadcaster.publish("room", "first")
+        start = time.monotonic()
+        # A burst that never ends: the flush still goes out after one window.
+        while first.id not in exchange.body.decode():
+            await broadcaster.publish("room", "more")
+            await anyio.lowlevel.checkpoint()
+            assert time.monotonic() - start < 5, "the burst was held past its window"
 
 
-async def test_flush_window_writes_at_once_after_a_quiet_spell(
+async def test_a_held_burst_never_overflows_a_small_queue() -> None:
+    # Held until 5 events are queued (half the bound), never 30 s nor 11 events.
+    broadcaster = EventBroadcaster(BroadcasterConfig(max_queue_size=10, retry_ms=None))
+    endpoint = sse_endpoint(broadcaster, flush_window=30.0)
+    async with lifespan(broadcaster)(None), request(endpoint, {"session_id": "room"}) as exchange:
+        with anyio.fail_after(5):
+            while broadcaster.stats()["totalSubscribers"] < 1:
+                await anyio.sleep(0.01)
+        first = await broadcaster.publish("room", "first")
+        await exchange.wait_for_body(lambda body: body == first.encode())
+        events = []
+        for i in range(100):
+            events.append(await broadcaster.publish("room", f"e{i}"))
+            await anyio.lowlevel.checkpoint()
+        expected = first.encode() + b"".join(e.encode() for e in events)
+        with anyio.fail_after(5):
+            await exchange.wait_for_body(lambda body: body == expected)
+        assert broadcaster.stats()["totalSubscribers"] == 1  # not dropped as slow
+
+
+async def test_an_event_after_a_quiet_spell_is_written_at_once(
     broadcaster: EventBroadcaster,
 ) -> None:
     endpoint = sse_endpoint(broadcaster, flush_window=0.05)
@@ -241,7 +280,6 @@ async def test_flush_window_writes_at_once_after_a_quiet_spell(
 
 
 async def test_one_flush_per_session_holds_a_burst_but_not_a_fanout() -> None:
-    # A window far longer than the test: an event held back would time it out.
     broadcaster = EventBroadcaster(BroadcasterConfig(retry_ms=None))
     endpoint = sse_endpoint(broadcaster, flush_window=30.0)
     registry = registry_for(broadcaster)
@@ -261,14 +299,20 @@ async def test_one_flush_per_session_holds_a_burst_but_not_a_fanout() -> None:
         for exchange in (one, two):
             await exchange.wait_for_body(lambda body: body == first.encode())
         assert gate.flush is None
-        # A newer event right after a write: held for the session's one flush.
-        second = await broadcaster.publish("room", "b")
-        with anyio.fail_after(5):
-            while gate.flush is None:
-                await anyio.sleep(0.01)
-        await anyio.sleep(0.1)
-        assert one.body == two.body == first.encode()
-        assert second.id not in one.body.decode()
+        # Newer events right after a write, one per loop iteration: held for
+        # the session's one flush while they keep coming, then in one write each.
+        burst = []
+        for data in "bcdefg":
+            burst.append(await broadcaster.publish("room", data))
+            await anyio.lowlevel.checkpoint()
+            if len(burst) == 2:
+                assert gate.flush is not None
+                assert one.body == two.body == first.encode()
+        expected = first.encode() + b"".join(e.encode() for e in burst)
+        for exchange in (one, two):
+            with anyio.fail_after(5):  # a window of 30 s: held past the burst would hang
+                await exchange.wait_for_body(lambda body: body == expected)
+            assert len([m for m in exchange.messages if m.get("body")]) <= 3
     assert "room" not in registry._gates  # released with its last stream
     assert len(registry) == 0
 

@@ -3,7 +3,8 @@
 A response enters a `Subscription` (or wraps a generator, see `_sources`) and
 hands `run_stream` that source and a coroutine that writes bytes to its
 client. `run_stream` owns the timing: keep-alive comments, the send timeout,
-batching (the flush window), and ending on the server's shutdown. One
+batching (the flush, held only while a burst lasts), and ending on the
+server's shutdown. One
 `StreamRegistry` per broadcaster (and one for the streams of no broadcaster)
 holds its open streams and one watchdog timer for all of them. Nothing here
 imports a web framework.
@@ -19,10 +20,13 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import anyio
+import anyio.lowlevel
 
 from ._errors import BroadcasterError, SlowSubscriberError
 from ._event import Event, encode_comment
 from ._lowlevel import current_loop_token, start_ticker
+from ._sources import MultiSource
+from ._subscription import Subscription
 
 if TYPE_CHECKING:
     from ._broadcaster import EventBroadcaster
@@ -43,14 +47,19 @@ __all__ = [
 
 logger = logging.getLogger("sse_broadcaster")
 
-#: The default ``flush_window`` of `sse_endpoint` and `sse_handler`, in seconds.
+#: The default ``flush_window`` of `sse_endpoint` and `sse_handler`, in seconds:
+#: the longest a burst's write is held back, not a delay every event pays.
 #:
-#: During a burst (an event newer than the session's last write, less than
-#: five windows after it), a stream waits for the session's flush, this many
-#: seconds long and shared by all the session's streams in this process, so
-#: that more events join its write. An event after a quiet spell, and the
-#: fan-out of one event to a session's streams, are written at once.
-#: ``flush_window=0`` writes every batch at once.
+#: A stream woken for an event newer than the session's last write, less than
+#: five windows after it, may be in a burst: the session's flush (one for all
+#: the session's streams in this process) holds its write while each loop
+#: iteration brings a new event, and sends it after two iterations that
+#: brought none, or after this many seconds of a burst that does not stop.
+#: There is no timer: an event that nothing follows is held for two loop
+#: iterations (microseconds), the first event after a quiet spell and the
+#: fan-out of one event to a session's streams are written at once. While a
+#: write is in flight, what arrives joins the next one. ``flush_window=0``
+#: never holds a write: every wake-up writes what it found.
 FLUSH_WINDOW = 0.001
 
 #: How a stream ended, as `run_stream` reports it.
@@ -64,6 +73,14 @@ PING = encode_comment("ping")
 WRITE_CHUNK = 65_536
 # Writes closer together than this many flush windows count as a burst.
 _BURST_WINDOWS = 5
+# A held flush goes out after this many loop iterations in a row that brought
+# its stream no new event. Two, not one: trio may run the publisher and the
+# holder in either order within an iteration, so that one iteration can see
+# nothing new in the middle of a burst; two in a row cannot.
+_QUIET_ITERATIONS = 2
+# A hold also ends once this many events are queued: a write of them costs
+# little more than a write of one, and the queue stays far from its bound.
+_HOLD_EVENTS = 256
 
 
 class StreamSource(Protocol):
@@ -114,14 +131,17 @@ def check_flush_window(flush_window: float) -> float:
 
 
 class _Gate:
-    """The flush window of one session's streams in this process: one timer for all.
+    """The flush of one session's streams in this process: one holder for all.
 
     A stream woken for an event that no stream of the session has written yet,
-    less than five windows after the session's last write, is in a burst: it
-    waits for the session's flush (started by the first such stream, one
-    window long) so that more events join its write. Streams writing the same
-    event as the one before them (the fan-out of one event) never wait, and the
-    first event after a quiet spell goes out at once.
+    less than five windows after the session's last write, may be in a burst:
+    it waits for the session's flush so that more events join its write. The
+    first such stream holds the flush: it yields to the event loop, once per
+    loop iteration, until two iterations in a row brought its source no new
+    event, and at most `window` seconds; the others wait for it. No timer: an
+    event that nothing follows is held for two loop iterations, not a window.
+    Streams writing the same event as the one before them (the fan-out of one
+    event) never wait, and the first event after a quiet spell goes out at once.
     """
 
     __slots__ = ("flush", "last_event", "last_write", "streams")
@@ -132,14 +152,27 @@ class _Gate:
         self.last_write = 0.0
         self.streams = 0
 
-    async def wait(self, window: float) -> None:
+    async def wait(self, window: float, source: StreamSource, limit: int) -> None:
         flush = self.flush
         if flush is not None:
             await flush.wait()
             return
         flush = self.flush = anyio.Event()
         try:
-            await anyio.sleep(window)
+            queued = source.queued
+            quiet = 0
+            await anyio.lowlevel.checkpoint()
+            # The window starts after the first iteration: with many streams
+            # that iteration is the session's own fan-out waking, which would
+            # otherwise use up the window before one more event could join.
+            deadline = time.monotonic() + window
+            while True:
+                now = source.queued
+                quiet = quiet + 1 if now <= queued else 0
+                queued = now
+                if quiet >= _QUIET_ITERATIONS or queued >= limit or time.monotonic() >= deadline:
+                    return
+                await anyio.lowlevel.checkpoint()
         finally:
             # Also when this stream is cancelled: the others must not wait forever.
             self.flush = None
@@ -354,6 +387,7 @@ async def run_stream(
         # event no stream has written yet, means a burst.
         burst_gap = _BURST_WINDOWS * flush_window
         gate = registry._gate(session_id) if flush_window > 0 else None
+        hold_limit = _hold_limit(subscription)
         try:
             if first:
                 await writer.write(first)
@@ -382,7 +416,7 @@ async def run_stream(
                     and time.monotonic() - gate.last_write < burst_gap
                     and not subscription.queued  # a full chunk waits for nothing
                 ):
-                    await gate.wait(flush_window)
+                    await gate.wait(flush_window, subscription, hold_limit)
                     room = WRITE_CHUNK - sum([len(event._wire) for event in batch])
                     if room > 0:
                         batch += subscription.drain_nowait(max_bytes=room)
@@ -421,6 +455,19 @@ async def run_stream(
         finally:
             registry._streams.discard(stream)
     return outcome
+
+
+def _hold_limit(source: StreamSource) -> int:
+    """Queued events that end a held flush: `_HOLD_EVENTS`, and at most half the
+    queue bound of every subscription behind `source`, so that holding a write
+    never makes its stream a slow subscriber."""
+    if isinstance(source, Subscription):
+        bounds = [source._max_items]
+    elif isinstance(source, MultiSource):
+        bounds = [sub._max_items for sub in source.multi._subs]
+    else:
+        return _HOLD_EVENTS
+    return max(1, min(_HOLD_EVENTS, *[bound // 2 for bound in bounds]))
 
 
 def _join(batch: list[Event]) -> bytes:

@@ -92,8 +92,9 @@ class EventSourceResponse:
             ``send_timeout`` for a subscription, else 5.
         retry: the ``retry:`` (milliseconds) the stream opens with; by default
             the broadcaster's ``retry_ms`` for a subscription, else none.
-        flush_window: seconds a burst of a session's events is held so that
-            more join one write (subscriptions only; 0: write at once).
+        flush_window: the longest a burst of a session's events is held so
+            that more join one write, held only while events keep coming
+            (subscriptions only; 0: never held).
 
     Raises:
         TypeError: `source` is neither a subscription nor an async iterable,

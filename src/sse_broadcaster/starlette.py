@@ -223,8 +223,9 @@ def sse_multi_endpoint(
         authorize: ``authorize(request, session_id)``, sync or async, called
             for each session with a Starlette `Request`; one False answers 403.
         query_param: the query parameter naming the sessions, repeated.
-        flush_window: seconds a burst of events is held so that more of them
-            join one write (this stream's own window); 0 writes at once.
+        flush_window: the longest a burst of events is held so that more of
+            them join one write (this stream's own flush; held only while
+            events keep coming); 0 never holds a write.
 
     Raises:
         ValueError: `flush_window` is negative, infinite or NaN.
@@ -323,9 +324,10 @@ def sse_endpoint(
         authorize: ``authorize(request, session_id)``, sync or async, gets a
             Starlette `Request`; False answers 403 before any event is sent.
         path_param: name of the path parameter holding the session id.
-        flush_window: seconds a burst of a session's events is held so that
-            more of them join one write; see `sse_broadcaster._streams.FLUSH_WINDOW`
-            and docs/starlette.md. 0 writes every batch at once.
+        flush_window: the longest a burst of a session's events is held so
+            that more of them join one write, held only while events keep
+            coming; see `sse_broadcaster._streams.FLUSH_WINDOW` and
+            docs/starlette.md. 0 never holds a write.
 
     Raises:
         ValueError: `flush_window` is negative, infinite or NaN.

@@ -484,10 +484,11 @@ flush window lets more join it. In the second it yields every 100 publishes,
 so every stack finds up to 100 events queued per wake-up; stacks that write
 one event per send (the peers) cannot use that. **Paced**: 100
 events/s for 10 s; p50/p99 of receive time minus the publish time carried in
-the event. `ours` runs with `flush_window=0`, `ours-1ms` with the adapters' default
-(1 ms: one flush timer per session, coalescing only during bursts, never for
-the first event after a quiet spell nor for the fan-out of one event) and
-`ours-5ms` with 5 ms; `bare` is a bare ASGI
+the event. `ours-default` runs as shipped, `ours` with `flush_window=0`,
+`ours-1ms` with 1 ms (the default) and `ours-5ms` with 5 ms: the window caps
+how long a burst's write is held while events keep coming (one holder per
+session, yielding once per loop iteration; two iterations with nothing new
+end the hold, so a paced event is held microseconds, never a window); `bare` is a bare ASGI
 app on the same uvicorn writing pre-encoded bytes (no broadcaster, no
 framework): the ceiling. `std/` rows run `uvicorn[standard]` (httptools +
 uvloop); the others plain uvicorn (h11, asyncio loop). The CPU figures in
@@ -495,12 +496,11 @@ brackets (server / all client processes, % of one core over the measured
 window) show where the time goes. Median of 3 runs; ratios are medians of
 per-run ratios.
 
-The flush window's price shows in the paced p99 at small C: the paced
-publisher keeps an absolute schedule, so after a scheduling hiccup it
-publishes the late events back to back, and with the 1 ms window those count
-as a burst and wait up to one window (`ours-1ms` vs `ours`, and
-`aiohttp/ours-1ms` vs `aiohttp/ours`, at C=10). `flush_window=0` removes that
-cost and gives up the burst throughput.
+Until the hold ended with the burst, the window was a timer: a paced event
+less than five windows after the last write waited a whole window, which
+cost the paced p50/p99 at small C (issue #14). Now the window only bounds a
+burst that does not stop; `flush_window=0` writes every wake-up at once and
+gives up the burst throughput.
 """
 SUSTAINED_TEXT = """
 C SSE clients (1,000) on one room, connected for the whole search, and one
