@@ -314,7 +314,7 @@ class RedisRunStore:
         # redis-py's get_message can swallow a cancel while it reads: drop its
         # connection under it then, and never wait on it without a bound.
         done, _ = await asyncio.wait({task}, timeout=0.5)
-        connection = None if self._pubsub is None else self._pubsub.connection
+        connection: Any = getattr(self._pubsub, "connection", None)
         if not done and connection is not None:
             await connection.disconnect()
             task.cancel()
