@@ -72,7 +72,8 @@ async def test_a_run_started_on_a_is_followed_and_resumed_on_b(
         await a.publish("s", "before")
         info = await a.start_run("s", paced(60))
         remote = await b.run_info("s")
-        assert remote is not None and remote.run_id == info.run_id
+        assert remote is not None
+        assert remote.run_id == info.run_id
         assert remote.state is RunState.RUNNING
         full = await read_run(b, "s")  # from the run's first event
         assert [e.data for e in full[:-1]] == [f"t{i}" for i in range(60)]
@@ -178,7 +179,8 @@ async def test_run_ttl_unpins_the_transcript(redis_server: str, prefix: str) -> 
             with anyio.fail_after(10):
                 while (info := await a.run_info("s")) is not None and info.retained:
                     await anyio.sleep(0.05)
-            assert info is not None and not info.retained
+            assert info is not None
+            assert not info.retained
             assert await raw.xlen(f"{prefix}:s:s") == 3
             assert a.stats()["runs"]["expired"] >= 1
     finally:

@@ -21,6 +21,7 @@ a lease of ``run_heartbeat_timeout``: if that process dies too, another takes it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -350,10 +351,8 @@ class RedisRunStore:
                 logger.info("Redis run cancel channel lost (%s); resubscribing", exc)
             finally:
                 self.listening.clear()
-                try:
+                with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()
-                except (RedisError, OSError):
-                    pass
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
