@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -23,6 +24,7 @@ from sse_broadcaster import (
     RunState,
 )
 from sse_broadcaster.redis import RedisBackend
+from tests.test_redis import Node, node
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -185,3 +187,69 @@ async def test_run_ttl_unpins_the_transcript(redis_server: str, prefix: str) -> 
             assert a.stats()["runs"]["expired"] >= 1
     finally:
         await raw.aclose()
+
+
+# -- two OS processes (tests/support/redis_node.py) ---------------------------------------------
+
+NODE_CONFIG = {"config": {"run_heartbeat_timeout": 1.0, "cleanup_interval": 0.2}}
+
+
+@asynccontextmanager
+async def killable_node(url: str, prefix: str) -> AsyncIterator[Node]:
+    """A node the test may SIGKILL: only its failed ``quit`` at teardown is let pass."""
+    try:
+        async with node(url, prefix, **NODE_CONFIG) as n:
+            yield n
+    except Exception as exc:
+        if not _only_broken_pipe(exc):
+            raise
+
+
+def _only_broken_pipe(exc: BaseException) -> bool:
+    nested = getattr(exc, "exceptions", None)
+    if nested is not None:
+        return all(_only_broken_pipe(e) for e in nested)
+    return isinstance(exc, anyio.BrokenResourceError)
+
+
+async def test_two_processes_follow_cancel_refuse_and_kill(redis_server: str, prefix: str) -> None:
+    async with (
+        killable_node(redis_server, prefix) as a,
+        node(redis_server, prefix, **NODE_CONFIG) as b,
+    ):
+        # Start on A, follow on B; a second start on B is refused.
+        await a.send(op="start_run", tag="r1", session="s", count=None, interval=0.01)
+        await a.wait(lambda: a.of("r1", "started"))
+        await b.send(op="subscribe", tag="f1", session="s", until_end=True)
+        await b.wait(lambda: len(b.events("f1")) >= 5)
+        await b.send(op="start_run", tag="r2", session="s", count=3)
+        await b.wait(lambda: b.of("r2", "refused"))
+        assert b.of("r2", "refused")[0]["error"] == "RunActiveError"
+        # Cancel from B stops the generator on A; both ends say cancelled.
+        await a.send(op="subscribe", tag="f2", session="s", until_end=True)
+        await a.wait(lambda: a.of("f2", "entered"))
+        await b.send(op="cancel_run", tag="c", session="s")
+        await b.wait(lambda: b.of("c", "cancelled"))
+        assert b.of("c", "cancelled")[0]["result"] is True
+        await a.wait(lambda: a.of("r1", "finally"))
+        await b.wait(lambda: b.of("f1", "end"))
+        await a.wait(lambda: a.of("f2", "end"))
+        ends = [r for r in b.of("f1", "event") if r["event"] == "end"]
+        assert json.loads(ends[-1]["data"])["state"] == "cancelled"
+        assert a.of("f2", "event")[-1]["id"] == ends[-1]["id"]
+        ids = b.events("f1")
+        assert len(ids) == len(set(ids))
+        # A new run on A, killed with SIGKILL mid-run: B's reader gets `failed`.
+        await a.send(op="start_run", tag="r3", session="s", count=None, interval=0.01)
+        await a.wait(lambda: a.of("r3", "started"))
+        await b.send(op="subscribe", tag="f3", session="s", until_end=True)
+        await b.wait(lambda: len(b.events("f3")) >= 3)
+        a.process.kill()
+        killed = anyio.current_time()
+        await b.wait(lambda: b.of("f3", "end"), within=15)
+        detected = anyio.current_time() - killed
+        last = b.of("f3", "event")[-1]
+        assert last["event"] == "end"
+        assert json.loads(last["data"])["state"] == "failed"
+        assert detected < 10  # heartbeat timeout 1 s + sweeps every 0.2 s, generous
+        print(f"\n[redis-figures] run-producer-kill: detected_after_s={detected:.2f}")
