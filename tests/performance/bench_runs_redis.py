@@ -13,9 +13,11 @@ XREAD BLOCKs on N others. Rounds alternate; medians are printed.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
+import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,9 +27,10 @@ import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sse_broadcaster import BroadcasterConfig, EventBroadcaster  # noqa: E402
-from sse_broadcaster.redis import RedisBackend  # noqa: E402
-from tests.support.redis_server import start_private_server  # noqa: E402
+from tests.support.redis_server import start_private_server
+
+from sse_broadcaster import BroadcasterConfig, EventBroadcaster
+from sse_broadcaster.redis import RedisBackend
 
 TOKEN = "x" * 16
 
@@ -91,26 +94,47 @@ async def baseline_round(url: str, tokens: int, readers: int) -> float:
     return tokens / elapsed
 
 
-async def memory_per_runs(url: str, runs: int, tokens: int) -> float:
-    """Redis used_memory delta per retained finished run of `tokens` tokens (bytes)."""
+async def finish_runs(broadcaster: EventBroadcaster, runs: int, tokens: int) -> None:
+    for r in range(runs):
+
+        async def gen() -> AsyncIterator[str]:
+            for _ in range(tokens):
+                yield TOKEN
+
+        await broadcaster.start_run(f"s{r}", gen())
+    with anyio.fail_after(600):
+        for r in range(runs):
+            while (info := await broadcaster.run_info(f"s{r}")) is None or not info.ended:
+                await anyio.sleep(0.05)
+
+
+async def memory_per_run_redis(url: str, runs: int, tokens: int) -> float:
+    """MEMORY USAGE of each retained finished run's stream and hash (bytes, mean)."""
     prefix = f"m{uuid.uuid4().hex[:8]}"
-    raw = aioredis.Redis.from_url(url)
-    before = int((await raw.info("memory"))["used_memory"])
     config = BroadcasterConfig(max_runs=runs + 1, max_run_events=tokens + 10)
     async with EventBroadcaster(config, backend=RedisBackend(url, prefix=prefix)) as a:
+        await finish_runs(a, runs, tokens)
+        raw = aioredis.Redis.from_url(url)
+        total = 0
         for r in range(runs):
+            for key in (f"{prefix}:s:s{r}", f"{prefix}:r:s{r}"):
+                total += int(await raw.memory_usage(key, samples=0) or 0)
+        await raw.aclose()
+    return total / runs
 
-            async def gen() -> AsyncIterator[str]:
-                for _ in range(tokens):
-                    yield TOKEN
 
-            await a.start_run(f"s{r}", gen())
-        with anyio.fail_after(600):
-            while (a.stats()["runs"]["running"]) > 0:
-                await anyio.sleep(0.05)
-    after = int((await raw.info("memory"))["used_memory"])
-    await raw.aclose()
-    return (after - before) / runs
+async def memory_per_run_process(runs: int, tokens: int) -> float:
+    """tracemalloc growth per retained finished run on the memory backend (bytes)."""
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    config = BroadcasterConfig(max_runs=runs + 1, max_run_events=tokens + 10)
+    async with EventBroadcaster(config) as broadcaster:
+        await finish_runs(broadcaster, runs, tokens)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    return held / runs
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -125,11 +149,17 @@ async def main(args: argparse.Namespace) -> None:
         print(f"  run across 2 broadcasters: {o:,.0f} tokens/s (median)")
         print(f"  XADD + XREAD BLOCK baseline: {t:,.0f} tokens/s (median)")
         print(f"  ratio: {o / t:.2f}")
-        per_run = await memory_per_runs(server.url, args.runs, args.tokens)
-        print(
-            f"  Redis memory per finished retained run of {args.tokens} tokens: "
-            f"{per_run / 1024:,.0f} KiB; x1000 runs: {per_run * 1000 / 2**20:,.0f} MiB"
-        )
+        for where, per_run in (
+            (
+                "Redis (MEMORY USAGE)",
+                await memory_per_run_redis(server.url, args.runs, args.tokens),
+            ),
+            ("in process (tracemalloc)", await memory_per_run_process(args.runs, args.tokens)),
+        ):
+            print(
+                f"  {where}: {per_run / 1024:,.0f} KiB per retained run of {args.tokens} "
+                f"tokens; x1000 runs: {per_run * 1000 / 2**20:,.0f} MiB"
+            )
     finally:
         server.stop()
 
