@@ -11,6 +11,12 @@ command's ``tag``:
 - ``{"op": "publish", "tag", "session", "count", "interval"}``: publishes
   ``count`` events (data ``"<tag>:<i>"``), reporting each ``ack`` (id) or
   ``nack`` (error class name), then ``done``.
+- ``{"op": "start_run", "tag", "session", "count", "interval"}``: starts a run of
+  ``count`` items (``"<tag>:<i>"``, ``interval`` s apart; ``count`` null: endless),
+  reporting ``started`` (run_id) or ``refused`` (error class name), and ``finally``
+  when the generator's ``finally`` ran.
+- ``{"op": "cancel_run", "tag", "session"}``: reports ``cancelled`` (the result).
+- ``{"op": "subscribe", ..., "until_end": true}``: follows the session's run.
 - ``{"op": "stats", "tag"}``: reports ``stats`` (the broadcaster's stats).
 - ``{"op": "quit"}``
 """
@@ -38,11 +44,13 @@ async def subscribe(broadcaster: EventBroadcaster, command: dict[str, Any]) -> N
     received = 0
     try:
         async with broadcaster.subscribe(
-            command["session"], last_event_id=command.get("last_event_id")
+            command["session"],
+            last_event_id=command.get("last_event_id"),
+            until_end=bool(command.get("until_end")),
         ) as sub:
             report(tag=tag, type="entered", gap=sub.gap, replayed=sub.replayed)
             async for event in sub:
-                report(tag=tag, type="event", id=event.id, data=event.data)
+                report(tag=tag, type="event", id=event.id, data=event.data, event=event.event)
                 received += 1
                 if limit is not None and received >= limit:
                     break
@@ -65,6 +73,29 @@ async def publish(broadcaster: EventBroadcaster, command: dict[str, Any]) -> Non
         if interval:
             await anyio.sleep(interval)
     report(tag=tag, type="done")
+
+
+async def start_run(broadcaster: EventBroadcaster, command: dict[str, Any]) -> None:
+    tag = command["tag"]
+    count = command.get("count")
+    interval = command.get("interval", 0.01)
+
+    async def items() -> Any:
+        try:
+            i = 0
+            while count is None or i < count:
+                yield f"{tag}:{i}"
+                i += 1
+                await anyio.sleep(interval)
+        finally:
+            report(tag=tag, type="finally")
+
+    try:
+        info = await broadcaster.start_run(command["session"], items())
+    except BroadcasterError as exc:
+        report(tag=tag, type="refused", error=type(exc).__name__, message=str(exc))
+    else:
+        report(tag=tag, type="started", run_id=info.run_id)
 
 
 async def serve(options: dict[str, Any]) -> None:
@@ -97,6 +128,11 @@ async def serve(options: dict[str, Any]) -> None:
                 elif op == "unsubscribe":
                     scopes[command["tag"]].cancel()
                     report(tag=command["tag"], type="end", error="cancelled")
+                elif op == "start_run":
+                    await start_run(broadcaster, command)
+                elif op == "cancel_run":
+                    cancelled = await broadcaster.cancel_run(command["session"])
+                    report(tag=command["tag"], type="cancelled", result=cancelled)
                 elif op == "stats":
                     report(tag=command["tag"], type="stats", stats=broadcaster.stats())
             tg.cancel_scope.cancel()

@@ -27,6 +27,7 @@ from .._event import Event
 from ..backends._base import BackendCounts, BackendHub, Replay, SweepResult
 from ._follower import Follower
 from ._pipeline import Pipeline
+from ._run_store import RedisRunStore
 from ._scripts import PROBE_ID, Streams, decode_entries, parse_id
 from ._sessions import Sessions
 from ._sweeps import Sweeps
@@ -170,6 +171,7 @@ class RedisBackend:
             max_backoff=float(max_backoff),
         )
         self._sweeps = Sweeps()
+        self._run_store: RedisRunStore | None = None
 
         # figures for stats()
         self._published = 0
@@ -207,7 +209,7 @@ class RedisBackend:
             self._url, self._source_client, self._connect_timeout, self._socket_timeout
         )
         self._client = aioredis.Redis(connection_pool=self._pool)
-        self._streams = Streams(self._client)
+        self._streams = Streams(self._client, self._stream_prefix, f"{self._prefix}:r:")
         # The reader lives from start to aclose, which may run in different tasks, so
         # no task group can bracket it; the backend is asyncio-only anyway.
         loop = asyncio.get_running_loop()
@@ -317,6 +319,8 @@ class RedisBackend:
             max(1, config.max_history_per_session),
             self._ttl_ms(hub),
             max(1, math.ceil(config.session_ttl * 1000)),
+            config.max_run_events,
+            config.max_run_bytes + 2 * config.max_event_bytes,
         )
         try:
             try:
@@ -432,6 +436,16 @@ class RedisBackend:
         return await self._sweeps.run(
             self._streams, keys, hub.config.session_ttl, self._ttl_ms(hub)
         )
+
+    def run_store(self) -> RedisRunStore:
+        """The store of resumable runs, shared through Redis (made once it is started)."""
+        hub = self._require_hub()
+        if self._run_store is None:
+            assert self._client is not None
+            self._run_store = RedisRunStore(
+                self._client, self._prefix, hub.config, self._health_interval
+            )
+        return self._run_store
 
     def counts(self) -> BackendCounts:
         """Sessions followed here, their retained events at the last sweep, bytes held here.

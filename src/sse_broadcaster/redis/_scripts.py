@@ -49,24 +49,35 @@ Key = tuple[int, int]
 NO_KEY: Key = (-1, -1)
 
 # Appends the event (ARGV: channel, data, event, retry, timestamp, max history,
-# ttl ms (0: no age trim), session ttl ms), trims by count and age, refreshes the
-# key's expiry and publishes the message; returns the new id.
+# ttl ms (0: no age trim), session ttl ms, max run events, max run bytes), trims
+# by count and age, refreshes the key's expiry and publishes the message; returns
+# the new id. KEYS[2] is the session's run hash: while it says ``pin`` (a run is
+# running or retained) the stream is trimmed only by the run caps, never by age,
+# and its expiry is only ever extended; past max run bytes the pin is lost.
 _PUBLISH = """
 local key = KEYS[1]
 local prev = ''
 local tail = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
 if tail[1] then prev = tail[1][1] end
-local id = redis.call('XADD', key, 'MAXLEN', ARGV[6], '*',
+local maxlen = ARGV[6]
+local pinned = redis.call('HGET', KEYS[2], 'pin') == '1'
+if pinned then
+    local held = redis.call('HINCRBY', KEYS[2], 'tbytes', string.len(ARGV[2]))
+    if held > tonumber(ARGV[10]) then pinned = false else maxlen = ARGV[9] end
+end
+local id = redis.call('XADD', key, 'MAXLEN', maxlen, '*',
     'p', prev, 't', ARGV[5], 'e', ARGV[3], 'r', ARGV[4], 'd', ARGV[2])
 local ttl = tonumber(ARGV[7])
-if ttl > 0 then
+if ttl > 0 and not pinned then
     local now = redis.call('TIME')
     local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - ttl + 1
     if cutoff > 0 then
         redis.call('XTRIM', key, 'MINID', string.format('%d', cutoff))
     end
 end
-redis.call('PEXPIRE', key, ARGV[8])
+if not pinned or redis.call('PTTL', key) < tonumber(ARGV[8]) then
+    redis.call('PEXPIRE', key, ARGV[8])
+end
 redis.call('PUBLISH', ARGV[1],
     id .. '\\n' .. ARGV[5] .. '\\n' .. ARGV[3] .. '\\n' .. ARGV[4] .. '\\n' .. ARGV[2])
 return id
@@ -76,9 +87,11 @@ return id
 # none), upto ("" for the end), ttl ms (0: no age filter), session ttl ms (0: no
 # refresh), fetch (0: only the last id). Entries are those in (after, upto]; all
 # retained ones up to upto when there is a gap. Trimming by age happens on
-# publish, so the age filter is applied here too.
+# publish, so the age filter is applied here too, except for a pinned session
+# (KEYS[2], the run hash, optional): a run's transcript does not age out.
 _READ = """
 local key = KEYS[1]
+local pinned = KEYS[2] and redis.call('HGET', KEYS[2], 'pin') == '1'
 local after, upto = ARGV[1], ARGV[2]
 local tail = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
 if not tail[1] then
@@ -87,7 +100,9 @@ if not tail[1] then
 end
 local last = tail[1][1]
 local session_ttl = tonumber(ARGV[4])
-if session_ttl > 0 then redis.call('PEXPIRE', key, session_ttl) end
+if session_ttl > 0 and (not pinned or redis.call('PTTL', key) < session_ttl) then
+    redis.call('PEXPIRE', key, session_ttl)
+end
 local hi = upto
 if hi == '' then hi = last end
 local gap = 0
@@ -111,7 +126,7 @@ if ARGV[5] == '0' then return {last, gap, {}} end
 local entries = {}
 if not (lo == '(' .. hi) then entries = redis.call('XRANGE', key, lo, hi) end
 local ttl = tonumber(ARGV[3])
-if ttl > 0 and entries[1] then
+if ttl > 0 and entries[1] and not pinned then
     local now = redis.call('TIME')
     local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - ttl
     local skip = 0
@@ -134,13 +149,17 @@ return {last, gap, entries}
 # that aged out, as a publish would, but keeps the last one (the next publish
 # names it as its predecessor, which is how gaps are detected; replay hides it by
 # age anyway). ARGV: session ttl ms, ttl ms (0: no age trim). Returns {length,
-# entries trimmed}, {-1, 0} when the stream does not exist.
+# entries trimmed}, {-1, 0} when the stream does not exist. A pinned session's
+# (KEYS[2], its run hash) stream is not trimmed and its expiry only extended.
 _SWEEP = """
 local key = KEYS[1]
-if redis.call('PEXPIRE', key, ARGV[1]) == 0 then return {-1, 0} end
+local pinned = redis.call('HGET', KEYS[2], 'pin') == '1'
+local pttl = redis.call('PTTL', key)
+if pttl == -2 then return {-1, 0} end
+if not pinned or pttl < tonumber(ARGV[1]) then redis.call('PEXPIRE', key, ARGV[1]) end
 local trimmed = 0
 local ttl = tonumber(ARGV[2])
-if ttl > 0 then
+if ttl > 0 and not pinned then
     local tail = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
     local now = redis.call('TIME')
     local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - ttl + 1
@@ -231,12 +250,18 @@ class Swept(NamedTuple):
 class Streams:
     """The scripts registered on a client, and the commands that run them."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, stream_prefix: str, run_prefix: str) -> None:
         self._client = client
+        self._stream_prefix = stream_prefix
+        self._run_prefix = run_prefix
         self._publish = client.register_script(_PUBLISH)
         self._read = client.register_script(_READ)
         self._close = client.register_script(_CLOSE_SESSION)
         self._sweep = client.register_script(_SWEEP)
+
+    def run_key(self, stream: str) -> str:
+        """The run hash of the session whose stream this is (it says whether it is pinned)."""
+        return self._run_prefix + stream[len(self._stream_prefix) :]
 
     def publish_command(
         self,
@@ -249,13 +274,16 @@ class Streams:
         max_history: int,
         ttl_ms: int,
         session_ttl_ms: int,
+        max_run_events: int,
+        max_run_bytes: int,
     ) -> tuple[Any, ...]:
         """The EVALSHA command of the publish script, for `Pipeline.call`."""
         return (
             "EVALSHA",
             self._publish.sha,
-            1,
+            2,
             stream,
+            self.run_key(stream),
             channel,
             data,
             event or "",
@@ -264,6 +292,8 @@ class Streams:
             max_history,
             ttl_ms,
             session_ttl_ms,
+            max_run_events,
+            max_run_bytes,
         )
 
     async def load_publish(self) -> None:
@@ -275,7 +305,7 @@ class Streams:
     ) -> tuple[str, bool, list[Any]]:
         """One stream's (last id, gap, entries) by the read script."""
         result = await self._read(
-            keys=[key], args=[after, upto, ttl_ms, refresh_ms, 1 if fetch else 0]
+            keys=[key, self.run_key(key)], args=[after, upto, ttl_ms, refresh_ms, 1 if fetch else 0]
         )
         last, gap, entries = result
         return last.decode() if last else "", bool(gap), entries
@@ -299,7 +329,9 @@ class Streams:
         """One round trip: renew and trim the followed streams, ask the due ones' PTTL."""
         async with self._client.pipeline(transaction=False) as pipe:
             for key in followed:
-                await self._sweep(keys=[key], args=[session_ttl_ms, ttl_ms], client=pipe)
+                await self._sweep(
+                    keys=[key, self.run_key(key)], args=[session_ttl_ms, ttl_ms], client=pipe
+                )
             for key in due:
                 pipe.pttl(key)
             pipe.info("memory")
