@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from sse_broadcaster import BroadcasterConfig, Event, EventBroadcaster, RunState
+from sse_broadcaster.backends import MemoryBackend
 from sse_broadcaster.client import EventSource
 
 from .support.clock import FakeClock
@@ -531,12 +532,16 @@ def test_demo_checks_the_run_options() -> None:
         create_app(run_pacing=(0.5, 0.1))
 
 
-@pytest.mark.redis
-async def test_demo_runs_on_a_backend_without_runs_answer_503(redis_server: str) -> None:
-    from sse_broadcaster.demo import create_app
-    from sse_broadcaster.redis import RedisBackend
+class _NoRunsBackend(MemoryBackend):
+    """A backend with no run store: any third-party backend that predates runs."""
 
-    broadcaster = EventBroadcaster(backend=RedisBackend(redis_server))
+    run_store = None
+
+
+async def test_demo_runs_on_a_backend_without_runs_answer_503() -> None:
+    from sse_broadcaster.demo import create_app
+
+    broadcaster = EventBroadcaster(backend=_NoRunsBackend())
     app = create_app(broadcaster, ticker_interval=None)
     async with (
         run_uvicorn(app) as running,
