@@ -16,6 +16,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-# The real redis-server fixtures (``redis_server``, ``private_redis``) for every
-# test module that asks for them by name.
-pytest_plugins = ["tests.support.redis_server"]
+# The real redis-server fixtures (``redis_server``, ``private_redis``) and the
+# Chromium ones (``chromium``, ``browser``) for every test module that asks for them.
+pytest_plugins = ["tests.support.browser", "tests.support.redis_server"]

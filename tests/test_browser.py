@@ -9,7 +9,6 @@ page shows the gap). The first test also takes the screenshot the docs use.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +18,11 @@ import pytest
 
 from sse_broadcaster import BroadcasterConfig
 
+from .support.browser import wait_for_js
 from .support.demo_server import serve_demo
 
 pytestmark = [pytest.mark.anyio, pytest.mark.browser]
 
-CHROMIUM = Path(os.environ.get("SSE_TEST_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 # The docs' screenshot is rewritten only on request, so a test run leaves the tree clean:
 #   SSE_BROADCASTER_UPDATE_SCREENSHOT=1 pytest tests/test_browser.py
 DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "img" / "demo.png"
@@ -42,40 +31,6 @@ DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "img" / "dem
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # Playwright's async API runs on asyncio only
-
-
-@pytest.fixture
-def chromium() -> str:
-    if not CHROMIUM.is_file():
-        pytest.fail(
-            f"Chromium is missing at {CHROMIUM}: install Debian's package "
-            "(apt-get install -y chromium; .ci/run does it). The browser tests never skip."
-        )
-    return str(CHROMIUM)
-
-
-@pytest.fixture
-async def browser(chromium: str) -> AsyncIterator[Any]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
-            executable_path=chromium, args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            yield browser
-        finally:
-            await browser.close()
-
-
-async def _wait_for(page: Any, expression: str, within: float = 15.0) -> Any:
-    """Poll a JS expression in the page until it is truthy; return its value."""
-    with anyio.fail_after(within):
-        while True:
-            value = await page.evaluate(expression)
-            if value:
-                return value
-            await anyio.sleep(0.05)
 
 
 def _check_contiguous(ids: list[str]) -> tuple[int, int]:
@@ -108,7 +63,7 @@ async def test_reconnects_with_last_event_id_without_hole_or_duplicate(
         console_errors: list[str] = []
         page.on("pageerror", lambda exc: console_errors.append(str(exc)))
         await page.goto(url + "/")
-        await _wait_for(page, "window.demo.receivedIds.length >= 4")
+        await wait_for_js(page, "window.demo.receivedIds.length >= 4")
         assert await page.text_content("#status") == "open"
 
         # The publish form, as a person would use it.
@@ -121,13 +76,13 @@ async def test_reconnects_with_last_event_id_without_hole_or_duplicate(
                 before = await page.evaluate("window.demo.receivedIds.length")
                 answer = await client.post("/admin/drop-streams/lobby")
                 assert answer.json() == {"room": "lobby", "streamsEnded": True}
-                await _wait_for(page, f"window.demo.reconnects >= {round_}")
+                await wait_for_js(page, f"window.demo.reconnects >= {round_}")
                 # Ticks published while the browser was away come back by replay.
-                await _wait_for(page, f"window.demo.receivedIds.length >= {before + 5}")
+                await wait_for_js(page, f"window.demo.receivedIds.length >= {before + 5}")
             stats = (await client.get("/stats")).json()
 
         # Wait for a few points on the memory chart, then keep the picture.
-        await _wait_for(page, "window.demo.memory.length >= 5", within=20)
+        await wait_for_js(page, "window.demo.memory.length >= 5", within=20)
         demo = await page.evaluate(
             "({ids: window.demo.receivedIds.slice(), reconnects: window.demo.reconnects,"
             " errors: window.demo.errors, gaps: window.demo.gaps.length,"
@@ -173,7 +128,7 @@ async def test_subscriber_limit_keeps_the_browser_retrying(browser: Any) -> None
 
         page.on("response", on_response)
         await page.goto(url + "/")
-        await _wait_for(page, "window.demo.receivedIds.length >= 1")
+        await wait_for_js(page, "window.demo.receivedIds.length >= 1")
 
         # The page holds the only subscriber slot; a second EventSource is turned away.
         await page.evaluate(
@@ -185,7 +140,7 @@ async def test_subscriber_limit_keeps_the_browser_retrying(browser: Any) -> None
                 second.addEventListener('tick', () => { window.second.messages += 1; });
             }"""
         )
-        await _wait_for(page, "window.second.errors >= 3")
+        await wait_for_js(page, "window.second.errors >= 3")
         state = await page.evaluate("window.second.source.readyState")
         assert state != 2, (
             "EventSource gave up (CLOSED): the server answered something else than 200"
@@ -194,7 +149,7 @@ async def test_subscriber_limit_keeps_the_browser_retrying(browser: Any) -> None
 
         # Once the slot is free, the same EventSource gets in by itself.
         await page.evaluate("window.demo.source.close()")
-        await _wait_for(page, "window.second.messages >= 2")
+        await wait_for_js(page, "window.second.messages >= 2")
         assert await page.evaluate("window.second.source.readyState") == 1
         await page.close()
 
@@ -211,10 +166,10 @@ async def test_lost_history_shows_the_gap_notice(browser: Any) -> None:
     ):
         page = await browser.new_page()
         await page.goto(url + "/")
-        await _wait_for(page, "window.demo.opens >= 1")
+        await wait_for_js(page, "window.demo.opens >= 1")
         for n in range(2):
             await client.post("/publish/lobby", json={"data": f"before {n}"})
-        await _wait_for(page, "window.demo.receivedIds.length >= 2")
+        await wait_for_js(page, "window.demo.receivedIds.length >= 2")
         assert await page.is_hidden("#gap-notice")
         last = await page.evaluate("window.demo.receivedIds.at(-1)")
 
@@ -225,7 +180,7 @@ async def test_lost_history_shows_the_gap_notice(browser: Any) -> None:
         assert await page.evaluate("window.demo.gaps") == [{"lastEventId": last, "replayed": 0}]
         # The feed goes on in the room's new history.
         await client.post("/publish/lobby", json={"data": "after"})
-        await _wait_for(page, "window.demo.receivedIds.length >= 3")
+        await wait_for_js(page, "window.demo.receivedIds.length >= 3")
         await page.close()
 
 

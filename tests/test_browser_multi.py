@@ -27,8 +27,8 @@ from starlette.routing import Route
 from sse_broadcaster import BroadcasterConfig, EventBroadcaster
 from sse_broadcaster.starlette import lifespan, sse_multi_endpoint
 
+from .support.browser import wait_for_js
 from .support.servers import run_aiohttp, run_uvicorn
-from .test_browser import CHROMIUM, CHROMIUM_ARGS, _wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.browser]
 
@@ -67,26 +67,6 @@ window.state = () => state;
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # Playwright's async API runs on asyncio only
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    """Debian's Chromium, as tests/test_browser.py drives it (never skipped)."""
-    from playwright.async_api import async_playwright
-
-    if not CHROMIUM.is_file():
-        pytest.fail(
-            f"Chromium is missing at {CHROMIUM}: install Debian's package "
-            "(apt-get install -y chromium; .ci/run does it). The browser tests never skip."
-        )
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            yield browser
-        finally:
-            await browser.close()
 
 
 class Recorded:
@@ -186,21 +166,21 @@ async def test_three_sessions_on_one_event_source_resume_exactly(
         page_errors: list[str] = []
         page.on("pageerror", lambda exc: page_errors.append(str(exc)))
         await page.goto(url + "/")
-        await _wait_for(page, "window.live.opens >= 1")
+        await wait_for_js(page, "window.live.opens >= 1")
 
         # 1. Live: five rounds over the three sessions.
         await publisher.publish(5, pause=0.005)
-        await _wait_for(page, f"window.state().items.length >= {len(publisher.published)}")
+        await wait_for_js(page, f"window.state().items.length >= {len(publisher.published)}")
 
         # 2. The server ends the stream (one session's subscribers are dropped,
         # which ends the multi-stream); the browser reconnects by itself with
         # Last-Event-ID while more is published.
         assert broadcaster.disconnect_subscribers("beta") == 1
-        await _wait_for(page, "window.live.errors >= 1")  # the stream ended: away
+        await wait_for_js(page, "window.live.errors >= 1")  # the stream ended: away
         cursor_before_drop = await page.evaluate("window.state().cursor")
         await publisher.publish(3)  # within retry_ms: replayed on the reconnect
-        await _wait_for(page, "window.live.opens >= 2")
-        await _wait_for(page, f"window.state().items.length >= {len(publisher.published)}")
+        await wait_for_js(page, "window.live.opens >= 2")
+        await wait_for_js(page, f"window.state().items.length >= {len(publisher.published)}")
         reconnect = requests[1]
         assert reconnect["header"] is not None, requests
         assert reconnect["header"].startswith("m1.")
@@ -210,11 +190,13 @@ async def test_three_sessions_on_one_event_source_resume_exactly(
         # 3. The page reloads in the middle of a stream of publishes.
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(publisher.publish, 20, 0.01)
-            await _wait_for(page, f"window.state().items.length >= {len(publisher.published) + 6}")
+            await wait_for_js(
+                page, f"window.state().items.length >= {len(publisher.published) + 6}"
+            )
             stored_before = await page.evaluate("window.state().items.length")
             await page.reload()
-            await _wait_for(page, "window.state().loads === 2")
-        await _wait_for(page, f"window.state().items.length >= {len(publisher.published)}")
+            await wait_for_js(page, "window.state().loads === 2")
+        await wait_for_js(page, f"window.state().items.length >= {len(publisher.published)}")
         await anyio.sleep(0.5)  # room for a duplicate to show up, were there one
         state = await page.evaluate("window.state()")
         await page.close()

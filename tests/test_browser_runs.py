@@ -22,21 +22,11 @@ from sse_broadcaster import BroadcasterConfig, EventBroadcaster, RunState
 from sse_broadcaster.demo import create_app
 from sse_broadcaster.demo.agent import run_session, simulated_tokens
 
+from .support.browser import wait_for_js
 from .support.servers import run_uvicorn
 
 pytestmark = [pytest.mark.anyio, pytest.mark.browser]
 
-CHROMIUM = Path(os.environ.get("SSE_TEST_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 TOKENS = 200  # a finished run: about 5 s at PACING
 LONG_RUN = 1000  # the run that is stopped: time to reload, open a tab and stop on a busy machine
 PACING = (0.01, 0.03)
@@ -52,45 +42,11 @@ def anyio_backend() -> str:
     return "asyncio"  # Playwright's async API runs on asyncio only
 
 
-@pytest.fixture
-def chromium() -> str:
-    if not CHROMIUM.is_file():
-        pytest.fail(
-            f"Chromium is missing at {CHROMIUM}: install Debian's package "
-            "(apt-get install -y chromium; .ci/run does it). The browser tests never skip."
-        )
-    return str(CHROMIUM)
-
-
-@pytest.fixture
-async def browser(chromium: str) -> AsyncIterator[Any]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
-            executable_path=chromium, args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            yield browser
-        finally:
-            await browser.close()
-
-
 @asynccontextmanager
 async def serve(broadcaster: EventBroadcaster, tokens: int = TOKENS) -> AsyncIterator[str]:
     app = create_app(broadcaster, ticker_interval=None, run_tokens=tokens, run_pacing=PACING)
     async with run_uvicorn(app, timeout_graceful_shutdown=5) as server:
         yield server.base_url
-
-
-async def _wait_for(page: Any, expression: str, within: float = 20.0) -> Any:
-    """Poll a JS expression in the page until it is truthy; return its value."""
-    with anyio.fail_after(within):
-        while True:
-            value = await page.evaluate(expression)
-            if value:
-                return value
-            await anyio.sleep(0.05)
 
 
 class StreamLog:
@@ -113,7 +69,7 @@ class StreamLog:
 
     async def check_stops(self, page: Any) -> None:
         """After the run's end: one 204, then no request at all for `QUIET` seconds."""
-        await _wait_for(page, "window.runDemo.status === 'closed'")
+        await wait_for_js(page, "window.runDemo.status === 'closed'", within=20.0)
         settled = self.requests
         await anyio.sleep(QUIET)
         assert self.requests == settled, "the page kept reconnecting after the run's end"
@@ -151,7 +107,7 @@ async def test_reload_tab_drop_and_stop(browser: Any) -> None:
         first_log = StreamLog(first, "t1")
         await first.goto(url + "/run?run=t1")
         # No run yet: the stream is answered 404 and the page stops following.
-        await _wait_for(first, "window.runDemo.status === 'closed'")
+        await wait_for_js(first, "window.runDemo.status === 'closed'", within=20.0)
         assert await first.text_content("#run-state") == "no run"
         assert first_log.statuses == [404]
 
@@ -160,20 +116,20 @@ async def test_reload_tab_drop_and_stop(browser: Any) -> None:
             await first.click("#start-button")
         answer = await (await answer_info.value).json()
         expected = simulated_tokens(answer["seed"], LONG_RUN)
-        await _wait_for(first, "window.runDemo.tokens.length >= 30")
+        await wait_for_js(first, "window.runDemo.tokens.length >= 30", within=20.0)
         assert await first.text_content("#run-state") == "running"
 
         # A reload mid-run: the new page gets the whole run from its first token.
         await first.reload()
-        await _wait_for(first, "window.runDemo.tokens.length >= 50")
+        await wait_for_js(first, "window.runDemo.tokens.length >= 50", within=20.0)
         _check_whole(await _received(first), expected)
 
         # The server drops the stream: the browser reconnects with Last-Event-ID
         # by itself and gets exactly the rest.
         before = await first.evaluate("window.runDemo.tokens.length")
         assert broadcaster.disconnect_subscribers(run_session("t1")) == 1
-        await _wait_for(first, "window.runDemo.opens >= 2")
-        await _wait_for(first, f"window.runDemo.tokens.length >= {before + 20}")
+        await wait_for_js(first, "window.runDemo.opens >= 2", within=20.0)
+        await wait_for_js(first, f"window.runDemo.tokens.length >= {before + 20}", within=20.0)
         received = await _received(first)
         assert received["sources"] == 1  # the same EventSource, reconnected
         _check_whole(received, expected)
@@ -183,13 +139,13 @@ async def test_reload_tab_drop_and_stop(browser: Any) -> None:
         second.on("pageerror", lambda exc: errors.append(str(exc)))
         second_log = StreamLog(second, "t1")
         await second.goto(url + "/run?run=t1")
-        await _wait_for(second, "window.runDemo.tokens.length >= 10")
+        await wait_for_js(second, "window.runDemo.tokens.length >= 10", within=20.0)
         assert await second.text_content("#run-state") == "running"
 
         # Stop in the first tab ends the run in both.
         await first.click("#stop-button")
         for page in (first, second):
-            await _wait_for(page, "window.runDemo.state === 'cancelled'")
+            await wait_for_js(page, "window.runDemo.state === 'cancelled'", within=20.0)
             assert await page.text_content("#run-state") == "cancelled"
         info = await broadcaster.run_info(run_session("t1"))
         assert info is not None
@@ -228,7 +184,7 @@ async def test_a_finished_run_reloads_as_its_transcript_and_does_not_reconnect(
         log = StreamLog(page, "done")
         await page.goto(url + "/run?run=done")
         for load in (1, 2):
-            await _wait_for(page, "window.runDemo.state === 'finished'")
+            await wait_for_js(page, "window.runDemo.state === 'finished'", within=20.0)
             received = await _received(page)
             assert len(received["tokens"]) == TOKENS
             _check_whole(received, expected)
