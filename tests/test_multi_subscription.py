@@ -253,6 +253,10 @@ async def test_misuse() -> None:
                 ValueError, match=re.escape("max_events must be None or >= 1, got 0")
             ):
                 await multi.receive_batch(0)
+            with pytest.raises(
+                ValueError, match=re.escape("max_bytes must be None or >= 1, got 0")
+            ):
+                await multi.receive_batch(max_bytes=0)
             with pytest.raises(RuntimeError, match="entered only once"):
                 await multi.__aenter__()
             assert "sessions=2 open" in repr(multi)

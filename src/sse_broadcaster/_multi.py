@@ -26,7 +26,7 @@ from typing_extensions import Self
 
 from ._event import Event
 from ._lowlevel import Parker, make_parker
-from ._subscription import _ENDING, Subscription, _Owner
+from ._subscription import _ENDING, Subscription, _Owner, check_batch_bounds
 from ._types import check_session_id
 
 __all__ = [
@@ -320,10 +320,9 @@ class MultiSubscription:
         `max_bytes` bounds each session's share, as in `drain_nowait`.
 
         Raises:
-            ValueError: `max_events` is less than 1 (it could never return).
+            ValueError: `max_events` or `max_bytes` is less than 1 (it could never return).
         """
-        if max_events is not None and max_events < 1:
-            raise ValueError(f"max_events must be None or >= 1, got {max_events!r}")
+        check_batch_bounds(max_events, max_bytes)
         while True:
             events = self.drain_nowait(max_events, max_bytes)
             if events:

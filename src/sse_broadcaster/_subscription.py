@@ -71,6 +71,14 @@ class _SequenceCursor:
         return taken
 
 
+def check_batch_bounds(max_events: int | None, max_bytes: int | None) -> None:
+    """The bounds of a `receive_batch` call: None, or >= 1 (else it could never return)."""
+    if max_events is not None and max_events < 1:
+        raise ValueError(f"max_events must be None or >= 1, got {max_events!r}")
+    if max_bytes is not None and max_bytes < 1:
+        raise ValueError(f"max_bytes must be None or >= 1, got {max_bytes!r}")
+
+
 class _Owner(Protocol):
     """What a subscription needs of the fan-out that feeds it (`_hub.Hub`).
 
@@ -456,10 +464,7 @@ class Subscription:
         Raises:
             ValueError: `max_events` or `max_bytes` is less than 1 (it could never return).
         """
-        if max_events is not None and max_events < 1:
-            raise ValueError(f"max_events must be None or >= 1, got {max_events!r}")
-        if max_bytes is not None and max_bytes < 1:
-            raise ValueError(f"max_bytes must be None or >= 1, got {max_bytes!r}")
+        check_batch_bounds(max_events, max_bytes)
         while True:
             batch = self.drain_nowait(max_events, max_bytes)
             if batch:
