@@ -54,8 +54,11 @@ logger = logging.getLogger("sse_broadcaster")
 #: five windows after it, may be in a burst: the session's flush (one for all
 #: the session's streams in this process) holds its write while each loop
 #: iteration brings a new event, and sends it after two iterations that
-#: brought none, or after this many seconds of a burst that does not stop.
-#: There is no timer: an event that nothing follows is held for two loop
+#: brought none, or after this many seconds of a burst that does not stop
+#: (or, when the session's previous fan-out took longer than that to write,
+#: as long as it took, at most 50 ms: a thousand streams take ~10-30 ms to
+#: write one event each, and a hold as long as that lets each write carry
+#: many). There is no timer: an event that nothing follows is held for two loop
 #: iterations (microseconds), the first event after a quiet spell and the
 #: fan-out of one event to a session's streams are written at once. While a
 #: write is in flight, what arrives joins the next one. ``flush_window=0``
@@ -81,6 +84,9 @@ _QUIET_ITERATIONS = 2
 # A hold also ends once this many events are queued: a write of them costs
 # little more than a write of one, and the queue stays far from its bound.
 _HOLD_EVENTS = 256
+# A hold as long as the previous fan-out's write lasts at most this many
+# seconds (a stream stuck in a slow write must not stretch every hold).
+_MAX_HOLD = 0.05
 
 
 class StreamSource(Protocol):
@@ -133,30 +139,52 @@ def check_flush_window(flush_window: float) -> float:
 class _Gate:
     """The flush of one session's streams in this process: one holder for all.
 
-    A stream woken for an event that no stream of the session has written yet,
-    less than five windows after the session's last write, may be in a burst:
-    it waits for the session's flush so that more events join its write. The
-    first such stream holds the flush: it yields to the event loop, once per
-    loop iteration, until two iterations in a row brought its source no new
-    event, and at most `window` seconds; the others wait for it. No timer: an
-    event that nothing follows is held for two loop iterations, not a window.
-    Streams writing the same event as the one before them (the fan-out of one
-    event) never wait, and the first event after a quiet spell goes out at once.
+    The session's streams write in fan-outs: one stream decides, for an event
+    that no fan-out has carried yet, whether to write at once or to hold the
+    flush, and the session's other streams follow. A stream woken for such an
+    event less than five windows after the session's last write may be in a
+    burst: the first such stream holds the flush: it yields to the event loop,
+    once per loop iteration, until two iterations in a row brought its source
+    no new event, and at most `window` seconds, or as long as the session's
+    previous fan-out took to write if that was longer; the others wait for it.
+    No timer: an event that nothing follows is held for two loop iterations,
+    not a window. Streams whose newest event is the one the current fan-out
+    began with never wait, and the first event after a quiet spell goes out
+    at once.
+
+    Only the stream that begins a fan-out (the holder, or the first writer of
+    an event outside a burst) sets `last_event`: the streams released after a
+    hold may carry events published while the others wrote, and a stream woken
+    for one of those later must hold, not take it for the fan-out of an event
+    already written. Otherwise, with a thousand streams, the publisher's turn
+    in the middle of each fan-out would let every event out on its own.
     """
 
-    __slots__ = ("flush", "last_event", "last_write", "streams")
+    __slots__ = ("cycle_cost", "cycle_start", "flush", "last_event", "last_write", "streams")
 
     def __init__(self) -> None:
         self.flush: anyio.Event | None = None
         self.last_event: Event | None = None
         self.last_write = 0.0
+        self.cycle_start = 0.0
+        self.cycle_cost = 0.0
         self.streams = 0
 
-    async def wait(self, window: float, source: StreamSource, limit: int) -> None:
+    def begin(self, event: Event) -> None:
+        """A fan-out of the session's streams up to `event` begins now."""
+        now = time.monotonic()
+        # What the fan-out before this one took to write, from its start to
+        # the last write of it seen since: the cap of the next hold.
+        self.cycle_cost = min(_MAX_HOLD, max(0.0, self.last_write - self.cycle_start))
+        self.cycle_start = now
+        self.last_event = event
+
+    async def wait(self, window: float, source: StreamSource, limit: int) -> bool:
+        """Hold the flush, or wait for the one who holds it; True for the holder."""
         flush = self.flush
         if flush is not None:
             await flush.wait()
-            return
+            return False
         flush = self.flush = anyio.Event()
         try:
             queued = source.queued
@@ -165,13 +193,16 @@ class _Gate:
             # The window starts after the first iteration: with many streams
             # that iteration is the session's own fan-out waking, which would
             # otherwise use up the window before one more event could join.
-            deadline = time.monotonic() + window
+            # A fan-out that takes longer to write than a window (a thousand
+            # streams) gets a hold as long as its write: at most half of a
+            # burst's time is spent holding, and each write carries more.
+            deadline = time.monotonic() + max(window, self.cycle_cost)
             while True:
                 now = source.queued
                 quiet = quiet + 1 if now <= queued else 0
                 queued = now
                 if quiet >= _QUIET_ITERATIONS or queued >= limit or time.monotonic() >= deadline:
-                    return
+                    return True
                 await anyio.lowlevel.checkpoint()
         finally:
             # Also when this stream is cancelled: the others must not wait forever.
@@ -411,18 +442,21 @@ async def run_stream(
                 if gate is None:
                     await writer.write(_join(batch))
                     continue
-                if (
-                    gate.last_event is not batch[-1]
-                    and time.monotonic() - gate.last_write < burst_gap
-                    and not subscription.queued  # a full chunk waits for nothing
-                ):
-                    await gate.wait(flush_window, subscription, hold_limit)
-                    room = WRITE_CHUNK - sum([len(event._wire) for event in batch])
-                    if room > 0:
-                        batch += subscription.drain_nowait(max_bytes=room)
+                if gate.last_event is not batch[-1]:  # not the current fan-out's
+                    if (
+                        time.monotonic() - gate.last_write < burst_gap
+                        and not subscription.queued  # a full chunk waits for nothing
+                    ):
+                        holder = await gate.wait(flush_window, subscription, hold_limit)
+                        room = WRITE_CHUNK - sum([len(event._wire) for event in batch])
+                        if room > 0:
+                            batch += subscription.drain_nowait(max_bytes=room)
+                        if holder:
+                            gate.begin(batch[-1])
+                    else:
+                        gate.begin(batch[-1])
                 await writer.write(_join(batch))
                 gate.last_write = writer.last_write
-                gate.last_event = batch[-1]
         except OSError:  # the peer reset the connection (aiohttp raises on write)
             stop("disconnected")
         finally:
