@@ -656,3 +656,114 @@ async def test_a_generator_runs_a_bounded_way_ahead_and_its_items_join_one_write
         assert pulled == 4  # the byte bound, well under the item bound
         tg.cancel_scope.cancel()
     await source.aclose()
+
+
+# -- items the generator waited for: written by its own task --------------------------------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_an_item_the_generator_waited_for_is_written_by_its_own_task(
+    anyio_backend: str,
+) -> None:
+    made_by: dict[str, object] = {}
+    sent: list[tuple[bytes, object]] = []
+    done = anyio.Event()
+
+    async def paced() -> AsyncIterator[str]:
+        for name in ("a", "b", "c"):  # a burst: no wait between them
+            made_by[name] = anyio.get_current_task().id
+            yield name
+        for name in ("p1", "p2", "p3"):  # each waited for (a timer): written through
+            await anyio.sleep(0.02)
+            made_by[name] = anyio.get_current_task().id
+            yield name
+
+    async def receive() -> MutableMapping[str, Any]:
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        if message.get("body") is not None:
+            sent.append((message["body"], anyio.get_current_task().id))
+        if not message.get("more_body", True):
+            done.set()
+
+    scope = {"type": "http", "method": "GET", "headers": []}
+    with anyio.fail_after(5):
+        await ASGIEventSourceResponse(paced(), retry=10)(scope, receive, send)
+    body = b"".join(data for data, _ in sent)
+    assert body == b"retry: 10\n\n" + b"".join(f"data: {n}\n\n".encode() for n in made_by)
+    # The paced items were sent by the task that made them, one write each,
+    # not handed to the stream's pump (one task switch later).
+    for name in ("p1", "p2", "p3"):
+        [(data, task)] = [(d, t) for d, t in sent if f"data: {name}\n".encode() in d]
+        assert data == f"data: {name}\n\n".encode()
+        assert task == made_by[name]
+    # The burst went through the pump: not written by the generator's task.
+    burst = [t for d, t in sent if b"data: a\n" in d]
+    assert burst != [made_by["a"]]
+
+
+async def test_a_keepalive_never_interleaves_with_a_write_through_in_flight() -> None:
+    in_flight = most = 0
+    sent: list[bytes] = []
+    done = anyio.Event()
+
+    async def one_late_item() -> AsyncIterator[str]:
+        await anyio.sleep(0.05)
+        yield "slow to write"
+        await anyio.sleep(0.5)
+
+    async def receive() -> MutableMapping[str, Any]:
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            if message.get("body", b"").startswith(b"data: slow"):
+                await anyio.sleep(0.4)  # many keep-alive intervals
+            if message.get("body") is not None:
+                sent.append(message["body"])
+            if not message.get("more_body", True):
+                done.set()
+        finally:
+            in_flight -= 1
+
+    scope = {"type": "http", "method": "GET", "headers": []}
+    with anyio.fail_after(5):
+        await ASGIEventSourceResponse(one_late_item(), ping=0.05, retry=None)(scope, receive, send)
+    assert most == 1, "two writes of one stream were in flight at once"
+    assert sent[0] == b"data: slow to write\n\n" or sent[1] == b"data: slow to write\n\n"
+    assert b": ping\n\n" in sent  # pings before and after the slow write, none during it
+    assert sent[-1] == b""
+
+
+async def test_a_failed_write_through_ends_the_stream_without_blaming_the_source(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    closed = anyio.Event()
+
+    async def paced() -> AsyncIterator[str]:
+        try:
+            while True:
+                await anyio.sleep(0.01)
+                yield "tick"
+        finally:
+            closed.set()
+
+    async def receive() -> MutableMapping[str, Any]:
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        if message.get("body", b"").startswith(b"data:"):
+            raise ConnectionResetError("the peer reset the connection")
+
+    scope = {"type": "http", "method": "GET", "headers": []}
+    with caplog.at_level(logging.DEBUG, logger="sse_broadcaster"), anyio.fail_after(5):
+        await ASGIEventSourceResponse(paced(), retry=None)(scope, receive, send)
+    assert closed.is_set()  # the generator was closed
+    assert not [r for r in caplog.records if "source failed" in r.getMessage()]

@@ -10,15 +10,19 @@ go out in the next write, so a fast generator's items are written in few,
 large writes. Both sides park on their event loop's own primitive (`_lowlevel`),
 not on a fresh `anyio.Event` per item. The pump waits on the queue, not on the
 generator, so the watchdog's keep-alive comments go out while the generator
-is slow. Nothing here imports a web framework.
+is slow. An item the generator had to wait for (a paced source: a timer, a
+queue, the network) while the pump sits idle is written by `feed` itself,
+at once: one task switch per item less, as when the response's own task
+iterates the generator. Nothing here imports a web framework.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -37,6 +41,9 @@ from ._event import _new as _new_event
 from ._lowlevel import Parker, make_parker
 from ._multi import _POSITION, CURSOR_VERSION, MultiSubscription
 
+if TYPE_CHECKING:
+    from ._streams import StreamWriter
+
 __all__ = ["EventItem", "IterableSource", "MultiSource", "multi_frame_data", "to_event"]
 
 logger = logging.getLogger("sse_broadcaster")
@@ -50,6 +57,9 @@ _CLOSE_TIMEOUT = 5.0
 # How far the generator may run ahead of the pump: items, and encoded bytes (one write's worth).
 _AHEAD_ITEMS = 64
 _AHEAD_BYTES = 65_536
+# An item the generator took at least this long to make was waited for (a
+# timer, a queue, the network), not part of a burst: written through at once.
+_WAITED = 0.0001
 
 
 def _wire_only(wire: bytes) -> Event:
@@ -124,10 +134,13 @@ class IterableSource:
         "_closed",
         "_consumer",
         "_done",
+        "_error",
+        "_idle",
         "_interrupted",
         "_items",
         "_iterator",
         "_producer",
+        "_writer",
     )
 
     #: No session: the flush window's gate is not used (the response passes 0).
@@ -147,6 +160,19 @@ class IterableSource:
         self._interrupted = False
         self._consumer: Parker | None = None  # the pump, waiting for items
         self._producer: Parker | None = None  # `feed`, waiting for room
+        self._idle = False  # the pump is parked in receive_batch, not writing
+        self._writer: StreamWriter | None = None  # see `write_through`
+        self._error: Exception | None = None  # a write of `feed` failed: the pump raises it
+
+    def write_through(self, writer: StreamWriter) -> None:
+        """Let `feed` write an item it waited for while the pump is idle.
+
+        `run_stream` calls this with the stream's writer. Both tasks write
+        through it, never at once: `feed` writes only while the pump is parked
+        (it has written everything before), and the pump writes a keep-alive
+        only while no write is in flight (``writer.busy``).
+        """
+        self._writer = writer
 
     async def feed(self) -> None:
         """Pull the items until the iterable ends or fails; run it in a task.
@@ -157,9 +183,33 @@ class IterableSource:
         nothing half-written.
         """
         producer = self._producer = make_parker()
+        iterator = self._iterator
+        clock = time.perf_counter
         try:
-            async for item in self._iterator:
+            while True:
+                started = clock()
+                try:
+                    item = await anext(iterator)
+                except StopAsyncIteration:
+                    break
                 event = to_event(item)
+                writer = self._writer
+                if (
+                    self._idle
+                    and not self._items  # woken for them, not run yet: they go first
+                    and writer is not None
+                    and not writer.busy
+                    and clock() - started >= _WAITED
+                ):
+                    # Waited for, the pump parked with nothing queued: write it now
+                    # from this task, not one task switch later from the pump.
+                    try:
+                        await writer.write(event.encode())
+                    except Exception as exc:  # the peer reset (aiohttp raises on write)...
+                        # ...: the pump raises it, as if its own write had failed.
+                        self._error = exc
+                        return
+                    continue
                 self._items.append(event)
                 self._bytes += len(event.encode())
                 self._wake()
@@ -181,6 +231,8 @@ class IterableSource:
         while True:
             if self._items:
                 return self.drain_nowait()
+            if self._error is not None:
+                raise self._error
             if self._done:
                 raise anyio.EndOfStream
             if self._interrupted:
@@ -189,7 +241,11 @@ class IterableSource:
             consumer = self._consumer
             if consumer is None:
                 consumer = self._consumer = make_parker()
-            await consumer.park()
+            self._idle = True
+            try:
+                await consumer.park()
+            finally:
+                self._idle = False
 
     def drain_nowait(self, *, max_bytes: int | None = None) -> list[Event]:
         batch = self._items

@@ -25,7 +25,7 @@ import anyio.lowlevel
 from ._errors import BroadcasterError, SlowSubscriberError
 from ._event import Event, encode_comment
 from ._lowlevel import current_loop_token, start_ticker
-from ._sources import MultiSource
+from ._sources import IterableSource, MultiSource
 from ._subscription import Subscription
 
 if TYPE_CHECKING:
@@ -403,6 +403,8 @@ async def run_stream(
         "timeout", or the server began its "shutdown".
     """
     writer = StreamWriter(send)
+    if isinstance(subscription, IterableSource):
+        subscription.write_through(writer)
     outcome: Outcome = "ended"
     scope = anyio.CancelScope()
 
@@ -436,7 +438,9 @@ async def run_stream(
                     logger.info("stream of session %r ended: %s", session_id, exc)
                     return
                 if not batch:  # woken by the watchdog
-                    if time.monotonic() - writer.last_write >= keepalive:
+                    # Not while a write is in flight: a source's own task may be
+                    # writing (`IterableSource.write_through`).
+                    if not writer.busy and time.monotonic() - writer.last_write >= keepalive:
                         await writer.write(ping)
                     continue
                 if gate is None:
