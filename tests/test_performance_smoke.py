@@ -127,8 +127,8 @@ def test_sustained_fanout_smoke(tmp_path: Path) -> None:
     _table(text)
     data = json.loads(out.read_text())
     assert data["clients"] == 20
-    expected = ["ours", "bare", "aiohttp/ours"]
-    expected += ["sse-starlette"] if PEERS_STARLETTE else []
+    expected = ["ours", "bare", "std/ours", "std/bare", "aiohttp/ours"]
+    expected += ["sse-starlette", "std/sse-starlette"] if PEERS_STARLETTE else []
     expected += ["aiohttp/aiohttp-sse"] if PEERS_AIOHTTP else []
     assert sorted(data["stacks"]) == sorted(expected)
     for stack in expected:

@@ -298,7 +298,7 @@ def markdown(result: dict[str, Any]) -> str:
             [
                 name,
                 rate,
-                fmt(s["deliveries_per_s"]),
+                fmt(s["deliveries_per_s"], 0),
                 latency,
                 _percent(s["server_cpu"]),
                 _percent(s["clients_cpu"]),
