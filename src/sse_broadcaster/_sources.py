@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 
@@ -41,10 +41,22 @@ from ._event import _new as _new_event
 from ._lowlevel import Parker, make_parker
 from ._multi import _POSITION, CURSOR_VERSION, MultiSubscription
 
-if TYPE_CHECKING:
-    from ._streams import StreamWriter
 
-__all__ = ["EventItem", "IterableSource", "MultiSource", "multi_frame_data", "to_event"]
+class Writer(Protocol):
+    """What `IterableSource.write_through` needs of a stream's writer
+    (`_streams.StreamWriter`; a Protocol so that this module does not import that one)."""
+
+    @property
+    def busy(self) -> bool:
+        """True while a write is in flight."""
+        ...
+
+    async def write(self, data: bytes) -> None:
+        """Write `data` to the client."""
+        ...
+
+
+__all__ = ["EventItem", "IterableSource", "MultiSource", "Writer", "multi_frame_data", "to_event"]
 
 logger = logging.getLogger("sse_broadcaster")
 
@@ -161,10 +173,10 @@ class IterableSource:
         self._consumer: Parker | None = None  # the pump, waiting for items
         self._producer: Parker | None = None  # `feed`, waiting for room
         self._idle = False  # the pump is parked in receive_batch, not writing
-        self._writer: StreamWriter | None = None  # see `write_through`
+        self._writer: Writer | None = None  # see `write_through`
         self._error: Exception | None = None  # a write of `feed` failed: the pump raises it
 
-    def write_through(self, writer: StreamWriter) -> None:
+    def write_through(self, writer: Writer) -> None:
         """Let `feed` write an item it waited for while the pump is idle.
 
         `run_stream` calls this with the stream's writer. Both tasks write
