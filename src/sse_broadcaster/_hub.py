@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from time import monotonic
 
 import anyio
 
@@ -102,6 +103,7 @@ class Hub:
         fanout = self.fanouts.get(session_id)
         if fanout is None:
             return
+        fanout.started = monotonic()
         snapshot = fanout.snapshot
         if snapshot is None:
             snapshot = fanout.snapshot = tuple(fanout.refs)

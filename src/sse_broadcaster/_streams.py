@@ -50,15 +50,15 @@ logger = logging.getLogger("sse_broadcaster")
 #: The default ``flush_window`` of `sse_endpoint` and `sse_handler`, in seconds:
 #: the longest a burst's write is held back, not a delay every event pays.
 #:
-#: A stream woken for an event newer than the session's last write, less than
-#: five windows after it, may be in a burst: the session's flush (one for all
-#: the session's streams in this process) holds its write while each loop
-#: iteration brings a new event, and sends it after two iterations that
-#: brought none, or after this many seconds of a burst that does not stop
-#: (or, when the session's previous fan-out took longer than that to write,
-#: as long as it took, at most 50 ms: a thousand streams take ~10-30 ms to
-#: write one event each, and a hold as long as that lets each write carry
-#: many). There is no timer: an event that nothing follows is held for two loop
+#: A stream woken for an event newer than the session's last write, whose
+#: publish began less than five windows after it, may be in a burst: the
+#: session's flush (one for all the session's streams in this process) holds
+#: its write while each loop iteration brings a new event, and sends it after
+#: two iterations that brought none, or after this many seconds of a burst
+#: that does not stop (or, when the session's previous fan-out took longer
+#: than that to write, as long as it took, at most 50 ms: a thousand streams
+#: take ~10-30 ms to write one event each, and a hold as long as that lets
+#: each write carry many). There is no timer: an event that nothing follows is held for two loop
 #: iterations (microseconds), the first event after a quiet spell and the
 #: fan-out of one event to a session's streams are written at once. While a
 #: write is in flight, what arrives joins the next one. ``flush_window=0``
@@ -142,11 +142,12 @@ class _Gate:
     The session's streams write in fan-outs: one stream decides, for an event
     that no fan-out has carried yet, whether to write at once or to hold the
     flush, and the session's other streams follow. A stream woken for such an
-    event less than five windows after the session's last write may be in a
-    burst: the first such stream holds the flush: it yields to the event loop,
-    once per loop iteration, until two iterations in a row brought its source
-    no new event, and at most `window` seconds, or as long as the session's
-    previous fan-out took to write if that was longer; the others wait for it.
+    event, whose publish began less than five windows after the session's last
+    write, may be in a burst: the first such stream holds the flush: it yields
+    to the event loop, once per loop iteration, until two iterations in a row
+    brought its source no new event, and at most `window` seconds, or as long
+    as the session's previous fan-out took to write if that was longer; the
+    others wait for it.
     No timer: an event that nothing follows is held for two loop iterations,
     not a window. Streams whose newest event is the one the current fan-out
     began with never wait, and the first event after a quiet spell goes out
@@ -421,6 +422,12 @@ async def run_stream(
         burst_gap = _BURST_WINDOWS * flush_window
         gate = registry._gate(session_id) if flush_window > 0 else None
         hold_limit = _hold_limit(subscription)
+        # The gap since the session's last write is measured to when its latest
+        # publish began delivering here, not to this stream's wake-up: a publish
+        # that itself takes five windows (many subscribers, a slow machine) still
+        # follows the last write at once. Other sources: to now.
+        inbox = subscription._inbox if isinstance(subscription, Subscription) else None
+        tally = inbox.tally if inbox is not None else None
         try:
             if first:
                 await writer.write(first)
@@ -448,7 +455,8 @@ async def run_stream(
                     continue
                 if gate.last_event is not batch[-1]:  # not the current fan-out's
                     if (
-                        time.monotonic() - gate.last_write < burst_gap
+                        (time.monotonic() if tally is None else tally.started) - gate.last_write
+                        < burst_gap
                         and not subscription.queued  # a full chunk waits for nothing
                     ):
                         holder = await gate.wait(flush_window, subscription, hold_limit)

@@ -105,12 +105,15 @@ class _Owner(Protocol):
 
 
 class _Tally:
-    """Encoded bytes delivered to one session's subscribers here, ever (`_hub._Fanout`)."""
+    """Encoded bytes delivered to one session's subscribers here, ever (`_hub._Fanout`),
+    and when the latest delivery began (``time.monotonic()``; the streams' flush
+    reads it to tell a burst from paced events)."""
 
-    __slots__ = ("sent",)
+    __slots__ = ("sent", "started")
 
     def __init__(self) -> None:
         self.sent = 0
+        self.started = 0.0
 
 
 class _SubscriberRef(weakref.ref["Subscription"]):
