@@ -58,11 +58,11 @@ logger = logging.getLogger("sse_broadcaster")
 #: that does not stop (or, when the session's previous fan-out took longer
 #: than that to write, as long as it took, at most 50 ms: a thousand streams
 #: take ~10-30 ms to write one event each, and a hold as long as that lets
-#: each write carry many). There is no timer: an event that nothing follows is held for two loop
-#: iterations (microseconds), the first event after a quiet spell and the
-#: fan-out of one event to a session's streams are written at once. While a
-#: write is in flight, what arrives joins the next one. ``flush_window=0``
-#: never holds a write: every wake-up writes what it found.
+#: each write carry many). There is no timer: an event that nothing follows
+#: is held for two loop iterations (microseconds), the first event after a
+#: quiet spell and the fan-out of one event to a session's streams are written
+#: at once. While a write is in flight, what arrives joins the next one.
+#: ``flush_window=0`` never holds a write: every wake-up writes what it found.
 FLUSH_WINDOW = 0.001
 
 #: How a stream ended, as `run_stream` reports it.
@@ -147,11 +147,10 @@ class _Gate:
     to the event loop, once per loop iteration, until two iterations in a row
     brought its source no new event, and at most `window` seconds, or as long
     as the session's previous fan-out took to write if that was longer; the
-    others wait for it.
-    No timer: an event that nothing follows is held for two loop iterations,
-    not a window. Streams whose newest event is the one the current fan-out
-    began with never wait, and the first event after a quiet spell goes out
-    at once.
+    others wait for it. No timer: an event that nothing follows is held for
+    two loop iterations, not a window. Streams whose newest event is the one
+    the current fan-out began with never wait, and the first event after a
+    quiet spell goes out at once.
 
     Only the stream that begins a fan-out (the holder, or the first writer of
     an event outside a burst) sets `last_event`: the streams released after a
