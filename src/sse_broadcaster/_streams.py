@@ -416,15 +416,14 @@ async def run_stream(
 
     async def pump() -> None:
         session_id = subscription.session_id
-        # A write less than `burst_gap` after the session's last one, of an
-        # event no stream has written yet, means a burst.
+        # An event no stream has written yet, whose publish began less than
+        # `burst_gap` after the session's last write, means a burst. Measured to
+        # the publish's start (`tally.started`), not to this stream's wake-up: a
+        # publish that itself takes five windows (many subscribers, a slow
+        # machine) still follows the last write at once. Other sources: to now.
         burst_gap = _BURST_WINDOWS * flush_window
         gate = registry._gate(session_id) if flush_window > 0 else None
         hold_limit = _hold_limit(subscription)
-        # The gap since the session's last write is measured to when its latest
-        # publish began delivering here, not to this stream's wake-up: a publish
-        # that itself takes five windows (many subscribers, a slow machine) still
-        # follows the last write at once. Other sources: to now.
         inbox = subscription._inbox if isinstance(subscription, Subscription) else None
         tally = inbox.tally if inbox is not None else None
         try:
