@@ -402,13 +402,17 @@ def profile(clients: int = 100, bursts: int = 3, paced_seconds: float = 3.0) -> 
     return reports
 
 
-def summarise_profile(path: Path, top: int = 12) -> dict[str, Any]:
+def summarise_profile(path: Path, top: int = 12, *, busy_only: bool = False) -> dict[str, Any]:
+    """Self and inclusive shares of py-spy's raw stacks; `busy_only` leaves out
+    the samples of a loop waiting in ``select`` (an idle server)."""
     self_count: dict[str, int] = {}
     incl_count: dict[str, int] = {}
     total = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
+            continue
+        if busy_only and "select (selectors.py" in stack.rsplit(";", 1)[-1]:
             continue
         n = int(count)
         total += n

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import Server
-from http_e2e import measure_paced
+from http_e2e import measure_paced, summarise_profile
 
 LAYERS = (
     ("sse_broadcaster (ours)", "sse_broadcaster"),
@@ -55,26 +55,24 @@ def main() -> None:
         res = measure_paced(server, clients, 5.0, 100.0, "profile")
         spy.wait()
     print(f"{kind}, C={clients}: p50 {res['p50_ms']:.2f} ms, p99 {res['p99_ms']:.2f} ms")
+    # The self ranking is http_e2e's; the layers (a pattern anywhere on a busy
+    # stack) are this script's own.
+    summary = summarise_profile(Path(out), top=5, busy_only=True)
+    busy = summary["samples"]
     inclusive: collections.Counter[str] = collections.Counter()
-    tops: collections.Counter[str] = collections.Counter()
-    busy = 0
     with open(out) as raw:
         for line in raw:
             stack, _, count = line.rstrip("\n").rpartition(" ")
-            frames = stack.split(";")
-            if "select (selectors.py" in frames[-1]:
+            if "select (selectors.py" in stack.rsplit(";", 1)[-1]:
                 continue  # idle: waiting for the next event
-            n = int(count)
-            busy += n
             for name, pattern in LAYERS:
                 if pattern in stack:
-                    inclusive[name] += n
-            tops[frames[-1]] += n
+                    inclusive[name] += int(count)
     print(f"busy samples: {busy}")
     for name, n in inclusive.most_common():
         print(f"  on the stack: {name} {n / busy:.0%}")
-    for frame, n in tops.most_common(5):
-        print(f"  self: {n / busy:.0%} {frame}")
+    for frame, share in summary["self"]:
+        print(f"  self: {share:.0f}% {frame}")
 
 
 if __name__ == "__main__":
